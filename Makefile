@@ -1,0 +1,31 @@
+# `make demo` and `make test` each set up .venv on a fresh machine (pinned by pyproject.toml + requirements.lock).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+export RAY_AUTH_MODE := disabled
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## make the fixture web, serve it on 127.0.0.1, run pipelines/demo.yaml, print the run dir
+	$(VENV)/bin/curate demo --out demo
+
+test: $(STAMP)  ## the whole suite, slow tests included (what CI runs)
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)  ## the benchmarks in bench/ (see bench/RESULTS.md)
+	$(PY) bench/bench_ingest.py
+	$(PY) bench/bench_near_dup.py
+
+clean:
+	rm -rf demo runs .pytest_cache

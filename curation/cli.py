@@ -1,0 +1,173 @@
+"""`curate`: run pipelines, inspect runs, export schemas, make and serve the fixture web."""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="Curate web image-text pairs into LLaVA-style training data.", no_args_is_help=True)
+schema_app = typer.Typer(help="The row contract (schemas/).", no_args_is_help=True)
+fixtures_app = typer.Typer(help="The synthetic web used by tests and the demo.", no_args_is_help=True)
+app.add_typer(schema_app, name="schema")
+app.add_typer(fixtures_app, name="fixtures")
+console = Console(stderr=True)
+
+
+@contextmanager
+def _progress():
+    """A rich progress bar per stage; yields the runner's progress callback."""
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int, phase: str) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=max(total, 1), description=f"{stage} [{phase}]")
+
+        yield update
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[red]error:[/red] {msg}", markup=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def execute(pipeline_path: Path, run_dir: Optional[Path], address: Optional[str], overrides: list[str],
+            retry_failed: bool = False) -> Path:
+    """Validate, then run a pipeline with progress; return the run dir."""
+    from curation.config import ConfigError, load_pipeline
+    from curation.runner import StageFailed, run_pipeline
+
+    try:
+        pipeline = load_pipeline(pipeline_path, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    run_dir = run_dir or Path("runs") / pipeline.name
+    try:
+        with _progress() as update:
+            run_pipeline(pipeline, run_dir, address=address, retry_failed=retry_failed, progress=update)
+    except StageFailed as e:
+        _fail(str(e))
+    return run_dir
+
+
+@app.command()
+def run(
+    pipeline: Path = typer.Argument(..., help="pipelines/NAME.yaml"),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="where outputs go (default runs/NAME)"),
+    address: Optional[str] = typer.Option(None, "--address", help="an existing Ray cluster (default: local Ray)"),
+    set_: list[str] = typer.Option([], "--set", help="override a param: STAGE.PARAM=VALUE (YAML value)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="retry rows rejected for transient reasons (timeouts, 5xx)"),
+):
+    """Run (or resume) a pipeline DAG."""
+    out = execute(pipeline, run_dir, address, set_, retry_failed)
+    _print_status(out)
+
+
+def _print_status(run_dir: Path) -> None:
+    from curation.status import run_status
+
+    st = run_status(run_dir)
+    out = Console()
+    table = Table(title=f"run {st['run_dir']}")
+    for col in ("stage", "op", "status", "parts", "in", "out", "rejected", "seconds"):
+        table.add_column(col, justify="right" if col in ("in", "out", "rejected", "seconds") else "left")
+    reasons = Table(title="rejects by reason")
+    for col in ("stage", "reason", "rows"):
+        reasons.add_column(col, justify="right" if col == "rows" else "left")
+    for s in st["stages"]:
+        table.add_row(*(str(s.get(k, "")) for k in ("stage", "op", "status", "parts", "in", "out", "rejected", "seconds")))
+        for reason, n in s.get("rejected_by_reason", {}).items():
+            reasons.add_row(s["stage"], reason, str(n))
+    out.print(table)
+    out.print(reasons)
+
+
+@app.command()
+def status(run_dir: Path, as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
+    """Per-stage counts and reject reasons of a run."""
+    from curation.status import run_status
+
+    try:
+        st = run_status(run_dir)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(st, indent=2))
+    else:
+        _print_status(run_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo"), help="where the fixture web and the run go"),
+    n: int = typer.Option(400, help="URLs in the fixture web"),
+    pipeline: Path = typer.Option(Path("pipelines/demo.yaml")),
+):
+    """Make the fixture web, serve it on 127.0.0.1, run the demo pipeline, print the run dir."""
+    from curation.fixtures.serve import WebServer
+    from curation.fixtures.web import make_web
+
+    web = out / "web"
+    make_web(web, n=n, port=free_port(), seed=0)
+    with WebServer(web):
+        run_dir = execute(pipeline, out / "run", None, [f"ingest.urls={web / 'urls.parquet'}"])
+    _print_status(run_dir)
+    print(f"run dir: {run_dir.resolve()}")
+    print(f"status:  curate status {run_dir}")
+
+
+@schema_app.command("export")
+def schema_export(out: Path = typer.Option(Path("schemas/json"), help="folder for NAME.schema.json files")):
+    """Write a JSON Schema per row model, for consumers in other languages."""
+    from schemas import TABLES
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, model in TABLES.items():
+        (out / f"{name}.schema.json").write_text(json.dumps(model.model_json_schema(by_alias=True), indent=2) + "\n")
+    print(f"wrote {len(TABLES)} schemas to {out}")
+
+
+@fixtures_app.command("web")
+def fixtures_web(
+    out: Path = typer.Option(..., help="folder to write"),
+    n: int = typer.Option(1000, help="URL rows"),
+    port: int = typer.Option(8765, help="port the URLs point at (serve on the same)"),
+    seed: int = typer.Option(0),
+):
+    """Write a synthetic web: images, captions, duplicates, broken items, urls.parquet and truth.parquet."""
+    from curation.fixtures.web import make_web
+
+    summary = make_web(out, n=n, port=port, seed=seed)
+    print(json.dumps(summary, indent=2))
+
+
+@fixtures_app.command("serve")
+def fixtures_serve(web: Path, port: Optional[int] = typer.Option(None, help="default: the port in web.json")):
+    """Serve a fixture web on 127.0.0.1 until Ctrl-C."""
+    from curation.fixtures.serve import main
+
+    main(web, port)
+
+
+def entry() -> None:
+    app(prog_name="curate")
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -1,0 +1,123 @@
+"""Run one step of a stage over its parts on Ray Data: one task (or actor call) per part."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
+from curation.config import Stage
+from curation.store import StageDir, atomic_write_json, atomic_write_parquet
+from schemas import Reject, conform
+
+
+def init_ray(address: str | None, run_dir: Path) -> None:
+    """Start (or join) Ray once per process; local by default, `address` for an existing cluster."""
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"log_to_driver": False, "include_dashboard": False, "ignore_reinit_error": True}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs["address"] = address
+    else:
+        tmp = os.environ.get("RAY_TMPDIR") or str(Path(run_dir).resolve() / "_ray")
+        if len(tmp) > 60:  # Ray's unix socket paths must stay under ~107 characters
+            tmp = tempfile.mkdtemp(prefix="ray-")
+        kwargs["_temp_dir"] = tmp
+    ray.init(**kwargs)
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def build_op(stage: Stage, run_dir: str):
+    return stage.op(stage.params, stage.name, StageDir(Path(run_dir), stage.name).work)
+
+
+def _read(path: Path) -> pa.Table:
+    return pq.read_table(path)
+
+
+def run_step(op, stage: Stage, run_dir: str, step: str, part: str) -> dict:
+    """Do one step for one part and record it; exceptions come back as an error string, not a crash."""
+    sd = StageDir(Path(run_dir), stage.name)
+    try:
+        src = StageDir(Path(run_dir), stage.after[0]).part(part) if stage.after else None
+        if step == "analyze":
+            summary = op.analyze(_read(src))
+            atomic_write_parquet(summary, sd.work / "analyze" / f"{part}.parquet")
+            marker = {"rows": summary.num_rows}
+            atomic_write_json(sd.marker(part, "analyze"), marker)
+        elif step == "process":
+            table = _read(src) if src else None
+            rows_in = table.num_rows if table is not None else op.part_size(part)
+            out, rejects = op.process(part, table)
+            where = f"stage '{stage.name}' part {part}"
+            marker = sd.commit(part, conform(out, op.output, where), conform(rejects, Reject, where + " rejects"), rows_in)
+        elif step == "retry":
+            marker = _retry(op, sd, part)
+        else:
+            raise ValueError(f"unknown step {step}")
+        return {"part": part, "error": "", "marker": json.dumps(marker)}
+    except Exception:  # noqa: BLE001 - reported per part, the stage then fails with it
+        return {"part": part, "error": traceback.format_exc(), "marker": ""}
+
+
+def _retry(op, sd: StageDir, part: str) -> dict:
+    """Re-attempt a source part's retryable rejects; merge the outcome into the part."""
+    old_out, old_rej = _read(sd.part(part)), _read(sd.rejects(part))
+    mask = pc.is_in(old_rej.column("reason"), pa.array(sorted(op.retryable)))
+    todo = old_rej.filter(mask)
+    if todo.num_rows == 0:
+        return sd.done(part)
+    new_out, new_rej = op.retry(part, todo)
+    where = f"stage '{sd.stage}' part {part} retry"
+    out = pa.concat_tables([old_out, conform(new_out, op.output, where)]).sort_by("uid")
+    rejects = pa.concat_tables([old_rej.filter(pc.invert(mask)), conform(new_rej, Reject, where)])
+    rows_in = sd.done(part)["rows_in"]
+    sd.uncommit(part)
+    return sd.commit(part, out, rejects, rows_in)
+
+
+def _task(batch: dict, stage: Stage, run_dir: str, step: str) -> dict:
+    (part,) = batch["part"]
+    res = run_step(build_op(stage, run_dir), stage, run_dir, step, str(part))
+    return {k: [v] for k, v in res.items()}
+
+
+class _PartActor:
+    """Holds one op (and its model) for the actor's life."""
+
+    def __init__(self, stage: Stage, run_dir: str, step: str):
+        self.stage, self.run_dir, self.step = stage, run_dir, step
+        self.op = build_op(stage, run_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        (part,) = batch["part"]
+        res = run_step(self.op, self.stage, self.run_dir, self.step, str(part))
+        return {k: [v] for k, v in res.items()}
+
+
+def map_parts(stage: Stage, run_dir: Path, step: str, parts: list[str], on_result: Callable[[dict], None]) -> None:
+    """Run `step` for every part on Ray Data, calling on_result as each finishes."""
+    if not parts:
+        return
+    res = stage.resources
+    ds = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts))
+    kwargs = {"stage": stage, "run_dir": str(run_dir), "step": step}
+    remote = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus or None, "batch_size": 1}
+    if stage.op.actor:
+        size = res.concurrency or max(1, int(ray.available_resources().get("CPU", 1) // max(res.num_cpus, 1)))
+        ds = ds.map_batches(_PartActor, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(min_size=1, max_size=size), **remote)
+    else:
+        ds = ds.map_batches(_task, fn_kwargs=kwargs, compute=TaskPoolStrategy(size=res.concurrency), **remote)
+    for row in ds.iter_rows():
+        on_result(row)

@@ -1,0 +1,95 @@
+"""dedup: exact duplicates by sha256, near duplicates by perceptual hash; one representative per group."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image as PILImage
+from pydantic import Field
+
+from curation.neardup import near_duplicate_groups, phash_u64
+from curation.ops.base import Op, Params
+from curation.store import atomic_write_parquet, make_rejects
+from schemas import DedupedImage
+
+
+class DedupParams(Params):
+    max_distance: int = Field(6, ge=0, le=32, description="pHash Hamming distance at or under which images are near duplicates")
+
+
+class Dedup(Op):
+    """Global step: hash every image, group, pick the largest image (then smallest uid) of each group."""
+
+    name = "dedup"
+    version = "1"
+    Params = DedupParams
+    output = DedupedImage
+    has_analyze = True
+
+    @property
+    def groups_path(self):
+        return self.work.parent / "groups.parquet"
+
+    def analyze(self, table: pa.Table) -> pa.Table:
+        hashes = []
+        for data in table.column("image").to_pylist():
+            with PILImage.open(io.BytesIO(data)) as im:
+                hashes.append(phash_u64(im))
+        pixels = pc.multiply(table.column("original_width").cast(pa.int64()), table.column("original_height").cast(pa.int64()))
+        return pa.table({
+            "uid": table.column("uid"), "sha256": table.column("sha256"),
+            "phash": pa.array(hashes, pa.uint64()), "pixels": pixels,
+        })
+
+    def aggregate(self, summaries: pa.Table | None) -> None:
+        """Assign every uid its group representative; write RUN/dedup/groups.parquet."""
+        if summaries is None or summaries.num_rows == 0:
+            atomic_write_parquet(_groups_table([], [], [], [], []), self.groups_path)
+            return
+        # priority order: most pixels first, then smallest uid
+        t = summaries.sort_by([("pixels", "descending"), ("uid", "ascending")])
+        uid = np.array(t.column("uid").to_pylist(), dtype=object)
+        sha = t.column("sha256").to_numpy(zero_copy_only=False)
+        phash = t.column("phash").to_numpy()
+        _, first, sha_idx = np.unique(sha, return_index=True, return_inverse=True)  # [U], [N]
+        order = np.argsort(first)  # unique shas in priority order of their best row
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        labels = near_duplicate_groups(phash[first[order]], self.params.max_distance)  # [U] in priority order
+        group_of_row = labels[rank[sha_idx]]  # smallest label = best-priority unique sha of the group
+        rep_row = first[order][group_of_row]  # [N] row index of the representative
+        size = np.bincount(group_of_row, minlength=len(order))[group_of_row]
+        exact = sha == sha[rep_row]
+        is_rep = rep_row == np.arange(len(uid))
+        reason = np.where(is_rep, None, np.where(exact, "exact_duplicate", "near_duplicate"))
+        dist = [int(bin(int(a) ^ int(b)).count("1")) for a, b in zip(phash, phash[rep_row])]
+        atomic_write_parquet(_groups_table(uid.tolist(), uid[rep_row].tolist(), size.tolist(), reason.tolist(), dist), self.groups_path)
+
+    def process(self, part: str, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        groups = pq.read_table(self.groups_path)
+        g = groups.filter(pc.is_in(groups.column("uid"), table.column("uid")))
+        phash = self._phashes(part)
+        t = table.join(g, "uid").join(phash, "uid").sort_by("uid")
+        keep = pc.is_null(t.column("reason"))
+        kept = t.filter(keep)
+        out = kept.drop_columns(["rep_uid", "group_size", "reason", "distance", "phash_u64"]).append_column(
+            "dup_group", kept.column("rep_uid")).append_column("dup_count", kept.column("group_size").cast(pa.int32()))
+        dups = t.filter(pc.invert(keep))
+        details = [f"duplicate of {r} (phash distance {d})" for r, d in zip(dups.column("rep_uid").to_pylist(), dups.column("distance").to_pylist())]
+        return out, make_rejects(dups, self.stage, dups.column("reason").to_pylist(), details)
+
+    def _phashes(self, part: str) -> pa.Table:
+        a = pq.read_table(self.work / "analyze" / f"{part}.parquet", columns=["uid", "phash"])
+        hexes = [f"{int(h):016x}" for h in a.column("phash").to_pylist()]
+        return pa.table({"uid": a.column("uid"), "phash": hexes, "phash_u64": a.column("phash")})
+
+
+def _groups_table(uid, rep, size, reason, dist) -> pa.Table:
+    return pa.table({
+        "uid": pa.array(uid, pa.string()), "rep_uid": pa.array(rep, pa.string()),
+        "group_size": pa.array(size, pa.int64()), "reason": pa.array(reason, pa.string()),
+        "distance": pa.array(dist, pa.int32()),
+    })

@@ -1,0 +1,84 @@
+"""filter: size, aspect and caption rules, each failure a reason code."""
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+import py3langid
+from pydantic import Field
+
+from curation.ops.base import Op, Params
+from curation.store import make_rejects
+from schemas import FilteredImage
+
+BOILERPLATE = [
+    r"^\s*(img|dsc|image|photo|pic|picture|screenshot)[_\- ]?\d*(\.\w{3,4})?\s*$",  # camera and file names
+    r"^\s*(untitled|thumbnail|banner|logo|placeholder|loading\.*|null|none|n/a)\s*$",
+    r"\.(jpe?g|png|gif|webp|bmp)\s*$",
+    r"click here|download now|royalty[- ]free|stock (photo|image)|all rights reserved|no description|"
+    r"free shipping|image may contain|add to cart",
+]
+
+
+def _cjk(text: str) -> bool:
+    """True when the text has CJK characters (no spaces between words)."""
+    return any("\u3040" <= ch <= "\u9fff" for ch in text)
+
+
+class FilterParams(Params):
+    min_size: int = Field(64, ge=0, description="min of original width and height, pixels")
+    max_aspect: float = Field(3.0, ge=1.0, description="max of width/height and height/width")
+    require_caption: bool = True
+    min_caption_chars: int = Field(5, ge=0)
+    min_caption_words: int = Field(2, ge=0)
+    max_caption_chars: int = Field(1000, ge=1)
+    boilerplate: list[str] = Field(default_factory=lambda: list(BOILERPLATE), description="case-insensitive regexes")
+    languages: list[str] | None = Field(["en"], description="ISO 639-1 codes to keep; null keeps all")
+    lang_min_chars: int = Field(20, ge=0, description="captions shorter than this are not language-checked")
+
+
+class Filter(Op):
+    """Row-wise rules; the first rule a row breaks is its reason."""
+
+    name = "filter"
+    version = "1"
+    Params = FilterParams
+    output = FilteredImage
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.boilerplate = [re.compile(p, re.I) for p in self.params.boilerplate]
+
+    def check(self, row: dict) -> tuple[str | None, str | None, str | None]:
+        """(reason, detail, lang) of one row; reason None when it passes."""
+        p = self.params
+        w, h = row["original_width"], row["original_height"]
+        if min(w, h) < p.min_size:
+            return "too_small", f"{w}x{h} < {p.min_size}", None
+        if max(w, h) / max(min(w, h), 1) > p.max_aspect:
+            return "bad_aspect", f"{w}x{h} aspect > {p.max_aspect}", None
+        cap = (row["caption"] or "").strip()
+        if not cap:
+            return ("caption_missing", None, None) if p.require_caption else (None, None, None)
+        if len(cap) < p.min_caption_chars:
+            return "caption_too_short", f"{len(cap)} chars", None
+        if len(cap.split()) < p.min_caption_words and not _cjk(cap):
+            return "caption_too_short", f"{len(cap.split())} word(s)", None
+        if len(cap) > p.max_caption_chars:
+            return "caption_too_long", f"{len(cap)} chars", None
+        for rx in self.boilerplate:
+            if rx.search(cap):
+                return "caption_boilerplate", f"matches {rx.pattern!r}", None
+        lang = py3langid.classify(cap)[0] if len(cap) >= p.lang_min_chars else None
+        if lang and p.languages is not None and lang not in p.languages:
+            return "caption_language", f"detected {lang}", lang
+        return None, None, lang
+
+    def process(self, part: str, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        rows = table.select(["uid", "url", "caption", "original_width", "original_height"]).to_pylist()
+        verdicts = [self.check(r) for r in rows]
+        keep = pa.array([v[0] is None for v in verdicts])
+        out = table.filter(keep).append_column("lang", pa.array([v[2] for v in verdicts if v[0] is None], pa.string()))
+        bad = [(r, v) for r, v in zip(rows, verdicts) if v[0] is not None]
+        rejects = make_rejects([r for r, _ in bad], self.stage, [v[0] for _, v in bad], [v[1] for _, v in bad])
+        return out, rejects

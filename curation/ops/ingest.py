@@ -1,0 +1,187 @@
+"""ingest: download the URL list with img2dataset's downloader, one Ray task per shard of URLs."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from img2dataset.downloader import Downloader
+from img2dataset.resizer import Resizer
+from img2dataset.writer import ParquetSampleWriter
+from pydantic import Field
+
+from curation.download_reasons import TRANSIENT, decode_reason, download_reason, sniff, split_reason
+from curation.ops.base import Op, Params
+from curation.store import make_rejects
+from schemas import Image, arrow_schema
+
+_SCHEMES = ("http://", "https://")
+
+
+def make_uid(url: str | None, caption: str | None) -> str:
+    """Stable row id: blake2b-64 of url and caption."""
+    return hashlib.blake2b(f"{url}\x00{caption}".encode(), digest_size=8).hexdigest()
+
+
+class IngestParams(Params):
+    urls: str = Field(description="URL list: .parquet or .csv with url (and caption) columns")
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    shard_size: int = Field(1000, ge=1, description="URLs per part (one Ray task each)")
+    image_size: int = Field(256, ge=8)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio_largest"
+    resize_only_if_bigger: bool = True
+    encode_quality: int = Field(95, ge=1, le=100)
+    thread_count: int = Field(64, ge=1)
+    timeout: float = Field(10, gt=0, description="seconds per request")
+    retries: int = Field(0, ge=0, description="img2dataset's immediate retries per URL")
+    max_pixels: int = Field(89_478_485, ge=1, description="refuse images whose header claims more pixels (decompression bombs)")
+
+
+class CheckedResizer(Resizer):
+    """img2dataset's resizer behind a header sniff, with specific reasons for what fails to decode."""
+
+    def __init__(self, max_pixels: int, **kwargs):
+        super().__init__(**kwargs)
+        self.max_pixels = max_pixels
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        data = img_stream.getvalue()
+        refused = sniff(data, self.max_pixels)
+        if refused:
+            return None, None, None, None, None, ": ".join(refused)
+        out = super().__call__(img_stream, blurring_bbox_list)
+        if out[-1] == "Image decoding error":
+            return (*out[:-1], ": ".join(decode_reason(data)))
+        return out
+
+
+class Ingest(Op):
+    """Source stage: URL list -> Image rows; failures become rejects with a reason code."""
+
+    name = "ingest"
+    version = "1"
+    Params = IngestParams
+    output = Image
+    inputs = 0
+    retryable = TRANSIENT
+
+    def input_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        with open(self.params.urls, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()[:16]
+
+    def _read_urls(self) -> pa.Table:
+        p = self.params
+        path = Path(p.urls)
+        table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
+        if p.url_col not in table.column_names:
+            raise ValueError(f"{path}: no column '{p.url_col}' (columns: {table.column_names}); set params.url_col")
+        url = table.column(p.url_col).cast(pa.string())
+        cap = table.column(p.caption_col).cast(pa.string()) if p.caption_col in table.column_names else pa.nulls(len(table), pa.string())
+        uids = [make_uid(u, c) for u, c in zip(url.to_pylist(), cap.to_pylist())]
+        return pa.table({"uid": uids, "url": url, "caption": cap})
+
+    def plan(self) -> list[str]:
+        """Shard the URL list in order into Arrow IPC files (img2dataset's shard format)."""
+        table = self._read_urls()
+        seen: set[str] = set()
+        dup = []
+        for u in table.column("uid").to_pylist():
+            dup.append(u in seen)
+            seen.add(u)
+        table = table.append_column("repeat", pa.array(dup))
+        parts = []
+        for i, start in enumerate(range(0, max(len(table), 1), self.params.shard_size)):
+            name = f"part-{i:05d}"
+            path = self.work / "plan" / f"{name}.arrow"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+                w.write_table(table.slice(start, self.params.shard_size))
+            parts.append(name)
+        return parts
+
+    def part_size(self, part: str) -> int:
+        return self._plan(part).num_rows
+
+    def _plan(self, part: str) -> pa.Table:
+        with pa.memory_map(str(self.work / "plan" / f"{part}.arrow")) as f:
+            return pa.ipc.open_file(f).read_all()
+
+    def process(self, part: str, table=None) -> tuple[pa.Table, pa.Table]:
+        return self._download(part, self._plan(part))
+
+    def retry(self, part: str, rejects: pa.Table) -> tuple[pa.Table, pa.Table]:
+        plan = self._plan(part)
+        return self._download(part, plan.filter(pc.is_in(plan.column("uid"), rejects.column("uid"))), "retry")
+
+    def _download(self, part: str, rows: pa.Table, tag: str = "dl") -> tuple[pa.Table, pa.Table]:
+        """Refuse bad input rows, download the rest through img2dataset's Downloader, convert to our rows."""
+        url = rows.column("url")
+        repeat = rows.column("repeat")
+        no_url = pc.fill_null(pc.equal(pc.utf8_length(url), 0), True)
+        bad_scheme = pc.invert(pc.fill_null(pc.or_(pc.starts_with(url, _SCHEMES[0]), pc.starts_with(url, _SCHEMES[1])), False))
+        rejects = [
+            make_rejects(rows.filter(repeat), self.stage, "duplicate_input_row", "same url and caption as an earlier row"),
+            make_rejects(rows.filter(pc.and_(pc.invert(repeat), no_url)), self.stage, "missing_url"),
+            make_rejects(rows.filter(pc.and_not(pc.and_not(bad_scheme, no_url), repeat)), self.stage, "unsupported_scheme",
+                         "only http(s) URLs are downloaded"),
+        ]
+        todo = rows.filter(pc.invert(pc.or_(repeat, bad_scheme)))
+        if todo.num_rows == 0:
+            return arrow_schema(Image).empty_table(), pa.concat_tables(rejects)
+        out_dir = self.work / f"{tag}-{part}"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+        shard = out_dir / "shard.arrow"
+        with pa.OSFile(str(shard), "wb") as f, pa.ipc.new_file(f, todo.schema) as w:
+            w.write_table(todo)
+        self._downloader(out_dir, todo.column_names)((0, str(shard)))
+        got = pq.read_table(out_dir / "00000.parquet")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        ok = got.filter(pc.equal(got.column("status"), "success"))
+        failed = got.filter(pc.not_equal(got.column("status"), "success")).to_pylist()
+        reasons, details = [], []
+        for r in failed:
+            msg = r["error_message"] or ""
+            reason, detail = (download_reason(msg), msg) if r["status"] == "failed_to_download" else _resize_reason(msg)
+            reasons.append(reason)
+            details.append(detail[:300])
+        rejects.append(make_rejects(failed, self.stage, reasons, details))
+        images = pa.table({
+            "uid": ok.column("uid"), "url": ok.column("url"), "caption": ok.column("caption"),
+            "sha256": ok.column("sha256"), "width": ok.column("width"), "height": ok.column("height"),
+            "original_width": ok.column("original_width"), "original_height": ok.column("original_height"),
+            "image": ok.column("jpg"), "exif": ok.column("exif"),
+        }).sort_by("uid")
+        return images, pa.concat_tables(rejects).sort_by([("reason", "ascending"), ("uid", "ascending")])
+
+    def _downloader(self, out_dir: Path, columns: list[str]) -> Downloader:
+        p = self.params
+        resizer = CheckedResizer(
+            p.max_pixels, image_size=p.image_size, resize_mode=p.resize_mode, resize_only_if_bigger=p.resize_only_if_bigger,
+            upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=p.encode_quality,
+            encode_format="jpg", skip_reencode=False, disable_all_reencoding=False, min_image_size=0,
+            max_image_area=float("inf"), max_aspect_ratio=float("inf"), blurrer=None,
+        )
+        return Downloader(
+            sample_writer_class=ParquetSampleWriter, resizer=resizer, thread_count=p.thread_count, save_caption=True,
+            extract_exif=True, output_folder=str(out_dir), column_list=columns, timeout=p.timeout,
+            number_sample_per_shard=max(2, p.shard_size), oom_shard_count=5, compute_hash="sha256", verify_hash_type=None,
+            encode_format="jpg", retries=p.retries, user_agent_token=None, disallowed_header_directives=None,
+        )
+
+
+def _resize_reason(message: str) -> tuple[str, str]:
+    """Reason for a failed_to_resize row: ours ('reason: detail') or img2dataset's own text."""
+    reason, detail = split_reason(message)
+    if " " in reason or not reason:
+        return "decode_error", message
+    return reason, detail

@@ -1,0 +1,45 @@
+"""Shared fixtures: one local Ray session per test session, and a served fixture web on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from curation.execute import init_ray
+
+    tmp = tempfile.mkdtemp(prefix="ray-t-")
+    os.environ["RAY_TMPDIR"] = tmp
+    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
+    init_ray(None, Path(tmp))  # applies the runner's Ray Data settings to the shared session
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def web(tmp_path_factory):
+    """A 120-URL fixture web, served for the whole session."""
+    from curation.fixtures.serve import WebServer
+    from curation.fixtures.web import make_web
+
+    out = tmp_path_factory.mktemp("web")
+    make_web(out, n=120, port=free_port(), seed=0)
+    with WebServer(out) as server:
+        yield out, server

@@ -1,0 +1,92 @@
+"""Bad pipeline configs fail before anything runs, naming the file, stage and field."""
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from curation.cli import app
+from curation.config import ConfigError, load_pipeline, parse_pipeline
+
+GOOD = {
+    "name": "t",
+    "stages": {
+        "ingest": {"op": "ingest", "params": {"urls": "u.parquet"}},
+        "dedup": {"op": "dedup", "after": ["ingest"]},
+        "filter": {"op": "filter", "after": ["dedup"], "params": {"min_size": 10}},
+    },
+}
+
+
+def _with(**stage_changes):
+    import copy
+
+    raw = copy.deepcopy(GOOD)
+    for stage, change in stage_changes.items():
+        raw["stages"][stage] = change
+    return raw
+
+
+def test_good_config_orders_stages():
+    p = parse_pipeline(_with(), "p.yaml")
+    assert p.order == ["ingest", "dedup", "filter"]
+    assert p.stages["filter"].params.min_size == 10
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (_with(dedup={"op": "dedupe", "after": ["ingest"]}), "p.yaml: stage 'dedup': op: unknown op 'dedupe'"),
+        (_with(ingest={"op": "ingest", "after": ["filter"], "params": {"urls": "u"}}), "cycle"),
+        (_with(dedup={"op": "dedup", "after": ["ingets"]}), "stage 'dedup': after: depends on 'ingets'"),
+        (_with(dedup={"op": "dedup", "after": ["ingest"], "params": {"max_distance": "far"}}),
+         "p.yaml: stage 'dedup': params.max_distance: Input should be a valid integer"),
+        (_with(dedup={"op": "dedup", "after": ["ingest"], "params": {"max_dist": 3}}),
+         "stage 'dedup': params.max_dist: Extra inputs are not permitted"),
+        (_with(ingest={"op": "ingest", "params": {}}), "stage 'ingest': params.urls: Field required"),
+        (_with(dedup={"op": "dedup"}), "stage 'dedup': after: op 'dedup' takes 1 input stage(s), got 0"),
+        (_with(dedup={"op": "dedup", "after": ["ingest"], "resources": {"num_gpu": 1}}), "stages.dedup.resources.num_gpu"),
+    ],
+)
+def test_bad_configs_name_stage_and_field(raw, expected):
+    with pytest.raises(ConfigError) as e:
+        parse_pipeline(raw, "p.yaml")
+    assert expected in str(e.value)
+
+
+def test_overrides_are_validated():
+    p = parse_pipeline(_with(), "p.yaml", ["dedup.max_distance=3", "ingest.urls=x.parquet"])
+    assert p.stages["dedup"].params.max_distance == 3
+    with pytest.raises(ConfigError, match="params.max_distance"):
+        parse_pipeline(_with(), "p.yaml", ["dedup.max_distance=far"])
+    with pytest.raises(ConfigError, match="expected STAGE.PARAM"):
+        parse_pipeline(_with(), "p.yaml", ["nosuch.x=1"])
+
+
+def test_cli_fails_before_running(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent("""
+        name: bad
+        stages:
+          ingest: {op: ingest, params: {urls: u.parquet, shard_size: many}}
+          dedup: {op: dedup, after: [ingest]}
+    """))
+    run_dir = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", str(bad), "--run-dir", str(run_dir)])
+    assert res.exit_code == 2
+    assert "stage 'ingest': params.shard_size" in res.output
+    assert not run_dir.exists()
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such pipeline file"):
+        load_pipeline(tmp_path / "nope.yaml")
+    (tmp_path / "x.yaml").write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_pipeline(tmp_path / "x.yaml")
+
+
+def test_shipped_pipelines_validate():
+    from tests.conftest import ROOT
+
+    for path in (ROOT / "pipelines").glob("*.yaml"):
+        load_pipeline(path)

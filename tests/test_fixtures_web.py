@@ -1,0 +1,219 @@
+"""Synthetic web fixture: generator, loopback server and bundled real photos."""
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
+
+import imagehash
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, UnidentifiedImageError
+
+from curation.fixtures.photos import real_photos
+from curation.fixtures.serve import WebServer
+from curation.fixtures.web import (BROKEN_VARIANTS, NEAR_VARIANTS, TRUTH_SCHEMA, URLS_SCHEMA,
+                                   make_web)
+
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore proxy settings
+CAPTION_KINDS = {"clean", "short", "boilerplate", "missing", "long", "non_english"}
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fetch(url: str) -> tuple[int, str | None, bytes]:
+    """(status, Content-Type, body) of a GET; only ever to 127.0.0.1."""
+    assert urlsplit(url).hostname == "127.0.0.1", url
+    try:
+        with OPENER.open(url, timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read()
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    """A 60-row web, served for the whole module."""
+    root, port = tmp_path_factory.mktemp("web"), free_port()
+    summary = make_web(root, 60, port, seed=0)
+    truth = pq.read_table(root / "truth.parquet").to_pylist()
+    with WebServer(root) as server:
+        yield SimpleNamespace(root=root, port=port, summary=summary, truth=truth, server=server,
+                              by_url={r["url"]: r for r in truth})
+
+
+def rows(web, kind: str | None = None, variant: str | None = None) -> list[dict]:
+    """Truth rows of a kind and/or variant."""
+    return [r for r in web.truth if kind in (None, r["kind"]) and variant in (None, r["variant"])]
+
+
+def local(web, url: str) -> Path:
+    """File on disk behind a URL."""
+    return web.root / "files" / url.rsplit("/", 1)[1]
+
+
+def test_layout_and_truth(web):
+    urls = pq.read_table(web.root / "urls.parquet")
+    truth = pq.read_table(web.root / "truth.parquet")
+    assert urls.schema.equals(URLS_SCHEMA) and truth.schema.equals(TRUTH_SCHEMA)
+    assert urls.column("url").to_pylist() == truth.column("url").to_pylist()
+    assert len(set(urls.column("url").to_pylist())) == urls.num_rows == 60
+    assert json.loads((web.root / "web.json").read_text()) == {"port": web.port, "n": 60, "seed": 0}
+    assert all(urlsplit(u).hostname == "127.0.0.1" for u in urls.column("url").to_pylist())
+    assert {r["kind"] for r in web.truth} == {"ok", "real_photo", "exact_dup", "near_dup", "broken"}
+    assert {r["variant"] for r in rows(web, "broken")} == set(BROKEN_VARIANTS)
+    assert {r["variant"] for r in rows(web, "near_dup")} == set(NEAR_VARIANTS)
+    assert {r["caption_kind"] for r in web.truth} == CAPTION_KINDS
+    assert web.summary["kinds"] == dict(Counter(r["kind"] for r in web.truth))
+    captions = dict(zip(urls.column("url").to_pylist(), urls.column("caption").to_pylist()))
+    for r in web.truth:
+        caption = captions[r["url"]]
+        assert (caption is None) == (r["caption_kind"] == "missing")
+        if r["caption_kind"] == "long":
+            assert len(caption) > 2000
+        if r["kind"] in ("exact_dup", "near_dup"):
+            assert web.by_url[r["source_url"]]["kind"] == "ok"
+        for o in r["objects"] or []:
+            x1, y1, x2, y2 = o["box"]
+            assert 0 <= x1 < x2 <= r["width"] and 0 <= y1 < y2 <= r["height"]
+
+
+def test_images_decode_and_match_truth(web):
+    for r in web.truth:
+        if r["kind"] == "broken":
+            continue
+        status, ctype, body = fetch(r["url"])
+        assert status == 200 and ctype == {".jpg": "image/jpeg", ".png": "image/png"}[
+            Path(r["url"]).suffix]
+        im = Image.open(io.BytesIO(body))
+        im.load()
+        assert im.size == (r["width"], r["height"]), r["url"]
+
+
+def test_broken_items(web, monkeypatch):
+    one = {r["variant"]: r["url"] for r in rows(web, "broken")}
+    assert fetch(one["404"])[0] == 404
+    status, ctype, body = fetch(one["html"])
+    assert status == 200 and ctype == "image/jpeg" and body.lower().startswith(b"<!doctype html")
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(io.BytesIO(body))
+    status, _, body = fetch(one["empty"])
+    assert status == 200 and body == b""
+    status, _, body = fetch(one["truncated"])
+    assert status == 200 and len(body) > 100
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(body)).load()
+    status, ctype, body = fetch(one["huge"])
+    assert status == 200 and ctype == "image/jpeg" and len(body) < 50_000
+    with pytest.raises(Image.DecompressionBombError):  # Pillow's default pixel cap refuses it
+        Image.open(io.BytesIO(body))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    w, h = Image.open(io.BytesIO(body)).size  # header only, nothing decoded
+    assert w * h > 1e9
+    with pytest.raises(urllib.error.URLError) as refused:
+        fetch(one["unreachable"])
+    assert isinstance(refused.value.reason, ConnectionRefusedError)
+    flaky = web.by_url[one["flaky"]]
+    assert fetch(one["flaky"])[0] == 503
+    status, _, body = fetch(one["flaky"])
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (flaky["width"], flaky["height"])
+
+
+def test_duplicates(web):
+    for r in rows(web, "exact_dup"):
+        assert local(web, r["url"]).read_bytes() == local(web, r["source_url"]).read_bytes()
+        assert r["url"] != r["source_url"]
+
+    def phash(url: str) -> imagehash.ImageHash:
+        return imagehash.phash(Image.open(local(web, url)))
+
+    for r in rows(web, "near_dup"):
+        assert local(web, r["url"]).read_bytes() != local(web, r["source_url"]).read_bytes()
+        assert phash(r["url"]) - phash(r["source_url"]) <= 8, r
+    hashes = [phash(r["url"]) for r in rows(web, "ok")]
+    far = [a - b > 10 for i, a in enumerate(hashes) for b in hashes[i + 1:]]
+    assert sum(far) / len(far) > 0.95
+
+
+def test_same_seed_same_web(web, tmp_path):
+    again = tmp_path / "again"
+    make_web(again, 60, web.port, seed=0)
+    for name in ("urls.parquet", "truth.parquet", "web.json"):
+        assert (again / name).read_bytes() == (web.root / name).read_bytes(), name
+    names = sorted(p.name for p in (web.root / "files").iterdir())
+    assert names == sorted(p.name for p in (again / "files").iterdir())
+    assert all((again / "files" / n).read_bytes() == (web.root / "files" / n).read_bytes()
+               for n in names)
+    make_web(again, 60, web.port, seed=1)  # regenerating in place replaces the old web
+    assert (again / "urls.parquet").read_bytes() != (web.root / "urls.parquet").read_bytes()
+
+
+def test_small_web_still_has_every_variant(tmp_path):
+    summary = make_web(tmp_path / "small", 30, 8000)
+    assert set(summary["variants"]) == {*BROKEN_VARIANTS, *NEAR_VARIANTS, "exact"}
+    assert "real_photo" not in summary["kinds"] and sum(summary["kinds"].values()) == 30
+    with pytest.raises(ValueError, match="n >= 30"):
+        make_web(tmp_path / "tiny", 10, 8000)
+    (tmp_path / "foreign" / "files").mkdir(parents=True)
+    with pytest.raises(FileExistsError):
+        make_web(tmp_path / "foreign", 30, 8000)
+
+
+def test_request_counter_and_concurrency(web):
+    url = rows(web, "ok")[0]["url"]
+    path = urlsplit(url).path
+    before = web.server.requests[path]
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda _: fetch(url)[0], range(200)))
+    assert statuses == [200] * 200
+    assert web.server.requests[path] == before + 200
+    assert fetch(web.server.base_url + "/nowhere")[0] == 404
+    assert web.server.requests["/nowhere"] == 1
+
+
+def test_server_serves_only_files(web):
+    for path in ("/files/../web.json", "/files/.%2e/web.json", "/web.json", "/files/", "/flaky/"):
+        conn = http.client.HTTPConnection("127.0.0.1", web.server.port, timeout=10)
+        conn.request("GET", path)  # sent as written, no client-side normalisation
+        assert conn.getresponse().status == 404, path
+        conn.close()
+
+
+def test_cli_serves_until_interrupted(web):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "curation.fixtures.serve", str(web.root),
+                             str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}/files/" + rows(web, "ok")[0]["url"].rsplit("/", 1)[1]
+        assert fetch(url)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_real_photos_are_bundled(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("real_photos() must not touch the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    photos = real_photos()
+    names = [name for name, _, _ in photos]
+    assert {"astronaut", "chelsea", "coffee", "rocket"} <= set(names) and len(photos) >= 6
+    assert all(im.mode == "RGB" and min(im.size) >= 256 and len(cap) > 20 for _, im, cap in photos)

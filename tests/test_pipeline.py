@@ -1,0 +1,144 @@
+"""The demo DAG end to end on the fixture web: accounting, reject reasons, dedup groups, reruns, retries."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from curation.config import load_pipeline
+from curation.runner import run_pipeline
+from curation.status import run_status
+from tests.conftest import ROOT
+
+BROKEN_REASON = {
+    "404": "http_404", "truncated": "truncated_image", "html": "not_an_image", "empty": "empty_body",
+    "huge": "too_many_pixels", "unreachable": "unreachable", "flaky": "http_503",
+}
+
+
+def _pipeline(web: Path, *extra: str):
+    return load_pipeline(ROOT / "pipelines/demo.yaml", [f"ingest.urls={web / 'urls.parquet'}", "ingest.shard_size=30", *extra])
+
+
+def _rows(run: Path, stage: str, rejects: bool = False) -> pl.DataFrame:
+    files = sorted((run / stage / ("rejects" if rejects else "")).glob("part-*.parquet"))
+    return pl.concat([pl.read_parquet(f) for f in files])
+
+
+def _phases(log):
+    return {stage: phase for stage, _, _, phase in log}
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, web, tmp_path_factory):
+    web_dir, server = web
+    run = tmp_path_factory.mktemp("run")
+    manifests = run_pipeline(_pipeline(web_dir), run)
+    return run, manifests, web_dir, server
+
+
+def test_accounting_holds_at_every_stage(first_run):
+    run, manifests, web_dir, _ = first_run
+    assert list(manifests) == ["ingest", "dedup", "filter"]
+    upstream_out = 120
+    for name, m in manifests.items():
+        c = m["counts"]
+        assert m["status"] == "complete" and (run / name / "_manifest.json").exists()
+        assert c["in"] == upstream_out == c["out"] + c["rejected"]
+        out, rej = _rows(run, name), _rows(run, name, rejects=True)
+        assert (out.height, rej.height) == (c["out"], c["rejected"])
+        assert out["uid"].n_unique() == out.height and not set(out["uid"]) & set(rej["uid"])
+        for part, marker in m["parts"].items():
+            assert marker["rows_in"] == marker["rows_out"] + sum(marker["rejected"].values())
+        assert {"config_hash", "input_fingerprint", "timings", "versions"} <= set(m)
+        upstream_out = c["out"]
+
+
+def test_every_broken_item_has_its_specific_reason(first_run):
+    run, _, web_dir, _ = first_run
+    truth = pl.read_parquet(web_dir / "truth.parquet")
+    rej = _rows(run, "ingest", rejects=True).join(truth, on="url")
+    broken = truth.filter(pl.col("kind") == "broken")
+    assert rej.height == broken.height  # nothing else failed to download
+    got = dict(zip(rej["variant"], rej["reason"]))
+    assert got == {v: BROKEN_REASON[v] for v in broken["variant"]}
+
+
+def test_duplicates_are_grouped_and_distinct_images_are_not(first_run):
+    run, _, web_dir, _ = first_run
+    truth = pl.read_parquet(web_dir / "truth.parquet").with_columns(root=pl.coalesce("source_url", "url"))
+    ingested = _rows(run, "ingest").join(truth, on="url")
+    kept = _rows(run, "dedup").join(truth, on="url")
+    dups = _rows(run, "dedup", rejects=True).join(truth, on="url")
+    # one representative per original (with all its re-encoded, resized, cropped and exact copies)...
+    assert kept["root"].n_unique() == kept.height == ingested["root"].n_unique()
+    # ...and every rejected duplicate points at the representative of its own family
+    rep_root = dict(zip(kept["uid"], kept["root"]))
+    reps = [d.split()[2] for d in dups["detail"]]
+    assert [rep_root[r] for r in reps] == dups["root"].to_list()
+    for variant in ("reencode", "resize", "crop", "exact"):
+        assert ingested.filter(pl.col("variant") == variant).height > 0
+    size = dict(zip(kept["uid"], kept["dup_count"]))
+    fam = ingested.group_by("root").len()
+    assert sorted(size.values()) == sorted(fam["len"].to_list())
+    groups = pl.read_parquet(run / "dedup" / "groups.parquet")
+    assert groups.height == ingested.height
+
+
+def test_filter_reasons_follow_the_caption_kinds(first_run):
+    run, _, web_dir, _ = first_run
+    truth = pl.read_parquet(web_dir / "truth.parquet")
+    rej = _rows(run, "filter", rejects=True).join(truth, on="url")
+    kept = _rows(run, "filter").join(truth, on="url")
+    by_kind = dict(rej.group_by("caption_kind").agg(pl.col("reason").unique()).iter_rows())
+    allowed = {"missing": {"caption_missing"}, "long": {"caption_too_long"}, "short": {"caption_too_short", "caption_boilerplate"},
+               "boilerplate": {"caption_boilerplate", "caption_too_short"}, "non_english": {"caption_language"}}
+    size_reasons = {"too_small", "bad_aspect"}
+    for kind, reasons in by_kind.items():
+        assert set(reasons) <= allowed.get(kind, set()) | size_reasons, (kind, reasons)
+    assert set(kept["caption_kind"]) <= {"clean", "non_english"}  # short non-English captions are not language-checked
+    assert (kept["original_width"].min() >= 64) and (kept["lang"].drop_nulls() == "en").all()
+
+
+def test_rerun_skips_finished_stages_and_status_reports(first_run):
+    run, manifests, web_dir, _ = first_run
+    log = []
+    again = run_pipeline(_pipeline(web_dir), run, progress=lambda *a: log.append(a))
+    assert set(_phases(log).values()) == {"skipped"}
+    assert again == manifests
+    st = run_status(run)
+    assert [s["stage"] for s in st["stages"]] == ["ingest", "dedup", "filter"]
+    assert st["stages"][1]["rejected_by_reason"] == manifests["dedup"]["counts"]["rejected_by_reason"]
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    res = CliRunner().invoke(app, ["status", str(run), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["stages"][0]["in"] == 120
+
+
+def test_changed_param_recomputes_that_stage_only(first_run, tmp_path):
+    run, manifests, web_dir, _ = first_run
+    log = []
+    out = run_pipeline(_pipeline(web_dir, "filter.min_size=200"), run, progress=lambda *a: log.append(a))
+    phases = _phases(log)
+    assert phases["ingest"] == phases["dedup"] == "skipped" and phases["filter"] == "process"
+    assert out["filter"]["counts"]["rejected_by_reason"]["too_small"] > manifests["filter"]["counts"]["rejected_by_reason"].get("too_small", 0)
+    assert out["filter"]["config_hash"] != manifests["filter"]["config_hash"]
+
+
+def test_retry_failed_recovers_transient_failures_only(first_run):
+    run, manifests, web_dir, server = first_run
+    before = dict(server.requests)
+    log = []
+    out = run_pipeline(_pipeline(web_dir), run, retry_failed=True, progress=lambda *a: log.append(a))
+    ingest = out["ingest"]["counts"]
+    assert ingest["out"] == manifests["ingest"]["counts"]["out"] + 1  # the flaky URL answered this time
+    assert "http_503" not in ingest["rejected_by_reason"] and ingest["rejected_by_reason"]["unreachable"] == 1
+    assert ingest["in"] == ingest["out"] + ingest["rejected"]
+    new = {p: n - before.get(p, 0) for p, n in server.requests.items() if n != before.get(p, 0)}
+    assert len(new) == 1 and "flaky" in next(iter(new))  # nothing else was requested again
+    assert _phases(log)["dedup"] == "process"  # its input changed, so it and what follows were redone
+    assert out["dedup"]["input_fingerprint"] == out["ingest"]["output_fingerprint"] != manifests["ingest"]["output_fingerprint"]
