@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE := disabled
+# demo, tests and benchmarks keep Ray on 127.0.0.1 (no traffic to any other address); real clusters leave it unset
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: demo test test-fast bench clean
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import time
@@ -65,6 +66,15 @@ def make_hashes(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return hashes[perm], groups[perm]
 
 
+def make_dense_ball(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Worst case for bucketing: n draws from all 43,745 hashes within 3 bits of one centre (one group)."""
+    rng = np.random.default_rng(seed)
+    centre = int(rng.integers(0, 2**64, dtype=np.uint64))
+    flips = [sum(1 << b for b in bits) for k in range(4) for bits in itertools.combinations(range(64), k)]
+    ball = np.array([centre ^ f for f in flips], dtype=np.uint64)  # [43745] pairwise distance <= 6
+    return ball[rng.integers(0, ball.size, size=n)], np.zeros(n, dtype=np.int64)
+
+
 def sample_by_group(groups: np.ndarray, k: int, seed: int = 1) -> np.ndarray:
     """Indices of about k items taken as whole planted groups, so the sample keeps its clusters."""
     rng = np.random.default_rng(seed)
@@ -109,10 +119,15 @@ def main() -> None:
     parser.add_argument("--max-distance", type=int, default=6, help="Hamming radius for near duplicates")
     parser.add_argument("--sample", type=int, default=20_000, help="sample size for the brute-force baseline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--scenario", choices=["mix", "dense"], default="mix",
+        help="mix: random + planted clusters + copies; dense: one tight ball of 43,745 distinct hashes",
+    )
     parser.add_argument("--json", action="store_true", help="also print one JSON line with the figures")
     args = parser.parse_args()
 
-    hashes, groups = make_hashes(args.n, args.seed)
+    make = make_hashes if args.scenario == "mix" else make_dense_ball
+    hashes, groups = make(args.n, args.seed)
     n_unique = int(np.unique(hashes).size)
     plan = choose_plan(n_unique, args.max_distance)
 
@@ -129,12 +144,13 @@ def main() -> None:
     agree = bool(np.array_equal(fast, brute))
 
     figures = {
+        "scenario": args.scenario,
         "n": args.n,
         "n_unique": n_unique,
         "max_distance": args.max_distance,
         "plan": plan.describe(),
         "seconds": round(seconds, 3),
-        "peak_rss_mb": round(rss_peak, 1),
+        "peak_rss_mb": round(rss_peak, 1),  # process peak while grouping (VmHWM reset just before)
         "rss_before_mb": round(rss_before, 1),
         "peak_is_grouping_only": reset_ok,
         "groups": n_groups,
@@ -144,7 +160,7 @@ def main() -> None:
         "speedup": round(brute_s / fast_s, 1) if fast_s > 0 else None,
         "agree": agree,
     }
-    print(f"| measure | value |\n|---|---|")
+    print("| measure | value |\n|---|---|")
     for key, value in figures.items():
         print(f"| {key} | {value} |")
     if args.json:

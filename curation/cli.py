@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from contextlib import contextmanager
@@ -120,6 +121,7 @@ def demo(
     pipeline: Path = typer.Option(Path("pipelines/demo.yaml")),
 ):
     """Make the fixture web, serve it on 127.0.0.1, run the demo pipeline, print the run dir."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local demo: Ray on loopback only
     from curation.fixtures.serve import WebServer
     from curation.fixtures.web import make_web
 

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -49,6 +50,7 @@ def _read(path: Path) -> pa.Table:
 def run_step(op, stage: Stage, run_dir: str, step: str, part: str) -> dict:
     """Do one step for one part and record it; exceptions come back as an error string, not a crash."""
     sd = StageDir(Path(run_dir), stage.name)
+    t0 = time.time()
     try:
         src = StageDir(Path(run_dir), stage.after[0]).part(part) if stage.after else None
         if step == "analyze":
@@ -61,7 +63,8 @@ def run_step(op, stage: Stage, run_dir: str, step: str, part: str) -> dict:
             rows_in = table.num_rows if table is not None else op.part_size(part)
             out, rejects = op.process(part, table)
             where = f"stage '{stage.name}' part {part}"
-            marker = sd.commit(part, conform(out, op.output, where), conform(rejects, Reject, where + " rejects"), rows_in)
+            marker = sd.commit(part, conform(out, op.output, where), conform(rejects, Reject, where + " rejects"), rows_in,
+                               started=round(t0, 3), seconds=round(time.time() - t0, 3), pid=os.getpid())
         elif step == "retry":
             marker = _retry(op, sd, part)
         else:
@@ -89,7 +92,9 @@ def _retry(op, sd: StageDir, part: str) -> dict:
 
 def _task(batch: dict, stage: Stage, run_dir: str, step: str) -> dict:
     (part,) = batch["part"]
-    res = run_step(build_op(stage, run_dir), stage, run_dir, step, str(part))
+    op = build_op(stage, run_dir)
+    op.setup()
+    res = run_step(op, stage, run_dir, step, str(part))
     return {k: [v] for k, v in res.items()}
 
 
@@ -99,6 +104,7 @@ class _PartActor:
     def __init__(self, stage: Stage, run_dir: str, step: str):
         self.stage, self.run_dir, self.step = stage, run_dir, step
         self.op = build_op(stage, run_dir)
+        self.op.setup()
 
     def __call__(self, batch: dict) -> dict:
         (part,) = batch["part"]
@@ -115,8 +121,9 @@ def map_parts(stage: Stage, run_dir: Path, step: str, parts: list[str], on_resul
     kwargs = {"stage": stage, "run_dir": str(run_dir), "step": step}
     remote = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus or None, "batch_size": 1}
     if stage.op.actor:
-        size = res.concurrency or max(1, int(ray.available_resources().get("CPU", 1) // max(res.num_cpus, 1)))
-        ds = ds.map_batches(_PartActor, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(min_size=1, max_size=size), **remote)
+        fits = int(ray.available_resources().get("CPU", 1) // res.num_cpus) if res.num_cpus else len(parts)
+        size = max(1, min(res.concurrency or fits, len(parts)))  # a fixed pool: every actor starts at once
+        ds = ds.map_batches(_PartActor, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=size), **remote)
     else:
         ds = ds.map_batches(_task, fn_kwargs=kwargs, compute=TaskPoolStrategy(size=res.concurrency), **remote)
     for row in ds.iter_rows():

@@ -10,13 +10,11 @@ from dataclasses import dataclass
 import imagehash
 import numpy as np
 from PIL import Image
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 HASH_BITS = 64
 MAX_DENSE_KEY_BITS = 24  # a block key this wide or narrower gets a dense lookup table (<= 64 MiB)
 PAIR_CHUNK = 1 << 22  # candidate pairs materialised at once (~100 MiB of temporaries)
-EDGE_BUFFER = 1 << 24  # verified edges held before they are folded into a star forest
+LINK_BATCH = 1 << 20  # verified edges queued before the union-find merges them
 
 # Rough costs on 2 cores for the planner, fitted to timings of this module at 5K to 1M hashes.
 _NS_PER_ITEM_BLOCK = 150.0  # sort one hash by one block key and build its buckets
@@ -64,23 +62,47 @@ def _as_hashes(hashes: np.ndarray | list[int], max_distance: int) -> np.ndarray:
     return arr.astype(np.uint64)
 
 
-def _union_find_labels(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Components of edges (a[k], b[k]) over n nodes; each label is its component's smallest node."""
-    parent = np.arange(n, dtype=np.int64)  # [n] parent[x] <= x always, so roots are component minima
-    a, b = a.astype(np.int64), b.astype(np.int64)
-    while True:
-        while True:  # pointer jumping until every node points at its root
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
+class UnionFind:
+    """Union-find over n nodes, fed edge batches; every root is the smallest node of its component."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)  # [n] parent[x] <= x; fully compressed after each merge
+        self.merges = 0  # how many batches were merged so far
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._held = 0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Queue edges (a[k], b[k]); they are merged once LINK_BATCH edges are waiting."""
+        if a.size:
+            self._pending.append((a, b))
+            self._held += a.size
+        if self._held >= LINK_BATCH:
+            self.merge()
+
+    def merge(self) -> None:
+        """Merge the queued edges: hook each larger root under the smaller, then compress all paths."""
+        if not self._pending:
+            return
+        a = np.concatenate([e[0] for e in self._pending]).astype(np.int64)  # [E]
+        b = np.concatenate([e[1] for e in self._pending]).astype(np.int64)  # [E]
+        self._pending, self._held = [], 0
+        parent = self.parent
+        while True:
+            ra, rb = parent[a], parent[b]  # roots, as parent is compressed here
+            differ = ra != rb
+            if not differ.any():
                 break
-            parent = grand
-        ra, rb = parent[a], parent[b]
-        differ = ra != rb
-        if not differ.any():
-            return parent
-        lo, hi = np.minimum(ra[differ], rb[differ]), np.maximum(ra[differ], rb[differ])
-        np.minimum.at(parent, hi, lo)  # hook each larger root under the smallest root it touches
-        a, b = lo, hi
+            a, b = np.minimum(ra[differ], rb[differ]), np.maximum(ra[differ], rb[differ])
+            np.minimum.at(parent, b, a)  # each larger root moves under the smallest root it touches
+            while not np.array_equal(grand := parent[parent], parent):  # pointer jumping to the roots
+                parent = grand
+        self.parent = parent
+        self.merges += 1
+
+    def roots(self) -> np.ndarray:
+        """Merge what is queued and return the root (component minimum) of every node, int64 [n]."""
+        self.merge()
+        return self.parent
 
 
 def _pairwise_edges(h: np.ndarray, max_distance: int) -> Pairs:
@@ -99,10 +121,10 @@ def _pairwise_edges(h: np.ndarray, max_distance: int) -> Pairs:
 def brute_force_groups(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """Reference O(N^2) grouping: int64 labels, the smallest index of each Hamming-distance component."""
     h = _as_hashes(hashes, max_distance)  # [N] uint64
-    pairs = list(_pairwise_edges(h, int(max_distance)))
-    a = np.concatenate([p[0] for p in pairs]) if pairs else np.empty(0, np.int64)
-    b = np.concatenate([p[1] for p in pairs]) if pairs else np.empty(0, np.int64)
-    return _union_find_labels(h.size, a, b)
+    union = UnionFind(h.size)
+    for a, b in _pairwise_edges(h, int(max_distance)):
+        union.add(a, b)
+    return union.roots()
 
 
 @dataclass(frozen=True)
@@ -199,20 +221,13 @@ def _flip_masks(width: int, radius: int) -> np.ndarray:
     return np.array(masks, dtype=np.uint64)
 
 
-def _expand(a: np.ndarray, b_start: np.ndarray, b_size: np.ndarray) -> Pairs:
-    """Yield pairs (a[k], b_start[k] + r) for r < b_size[k] (every b_size >= 1), PAIR_CHUNK-ish at a time."""
+def _expand(a: np.ndarray, b_start: np.ndarray, b_size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs (a[k], b_start[k] + r) for r < b_size[k], where every b_size >= 1."""
     total = int(b_size.sum())
     if total == b_size.size:  # the common case: every run has length 1, nothing to expand
-        yield a, b_start
-        return
-    ends = np.cumsum(b_size)  # [K]
-    cuts = np.searchsorted(ends, np.arange(PAIR_CHUNK, total, PAIR_CHUNK))
-    for lo, hi in itertools.pairwise([0, *np.unique(cuts).tolist(), b_size.size]):
-        counts = b_size[lo:hi]
-        n = int(counts.sum())
-        if n:
-            first = ends[lo:hi] - counts - (ends[lo - 1] if lo else 0)  # [k] flat offset of each run
-            yield np.repeat(a[lo:hi], counts), np.repeat(b_start[lo:hi] - first, counts) + np.arange(n)
+        return a, b_start
+    first = np.cumsum(b_size) - b_size  # [K] flat offset of each run
+    return np.repeat(a, b_size), np.repeat(b_start - first, b_size) + np.arange(total)
 
 
 def _neighbour_probes(sorted_keys: np.ndarray, bucket_keys: np.ndarray, width: int, radius: int) -> Pairs:
@@ -247,57 +262,60 @@ def _neighbour_probes(sorted_keys: np.ndarray, bucket_keys: np.ndarray, width: i
         yield items[hit], buckets[hit]
 
 
-def _mih_edges(u: np.ndarray, max_distance: int, blocks: tuple[Block, ...]) -> Pairs:
-    """Yield index pairs of the distinct hashes `u` within max_distance (repeats possible), block by block."""
-    positions = np.arange(u.size)  # [U]
-    for blk in blocks:
+class _BlockIndex:
+    """The distinct hashes sorted by one block's key, grouped into buckets (runs of equal keys)."""
+
+    def __init__(self, u: np.ndarray, blk: Block) -> None:
         keys = (u >> np.uint64(blk.shift)) & np.uint64((1 << blk.width) - 1)  # [U] uint64
-        order = np.argsort(keys, kind="stable")  # [U] int64
-        sorted_keys, sorted_hashes = keys[order], u[order]  # [U], [U]
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])  # [K] bucket starts
-        sizes = np.diff(np.r_[starts, u.size])  # [K]
+        self.order = np.argsort(keys, kind="stable")  # [U] int64, sorted position -> distinct-hash index
+        self.keys, self.hashes = keys[self.order], u[self.order]  # [U], [U] in sorted order
+        self.starts = np.flatnonzero(np.r_[True, self.keys[1:] != self.keys[:-1]])  # [K] bucket starts
+        self.sizes = np.diff(np.r_[self.starts, u.size])  # [K]
+        self.bucket_of = np.repeat(np.arange(self.starts.size), self.sizes)  # [U] bucket of each position
+        self._seen_merges = -1
+        self._comp = self._bucket_comp = np.empty(0, dtype=np.int64)
 
-        def verified(ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            close = popcount64(sorted_hashes[ia] ^ sorted_hashes[ib]) <= max_distance
-            return order[ia[close]], order[ib[close]]
+    def _components(self, union: UnionFind) -> tuple[np.ndarray, np.ndarray]:
+        """Component of each sorted position [U] and of each bucket [K] (-1 where its members differ)."""
+        if self._seen_merges != union.merges:
+            self._comp = union.parent[self.order]
+            low = np.minimum.reduceat(self._comp, self.starts)
+            high = np.maximum.reduceat(self._comp, self.starts)
+            self._bucket_comp = np.where(low == high, low, -1)
+            self._seen_merges = union.merges
+        return self._comp, self._bucket_comp
 
-        later = np.repeat(starts + sizes, sizes) - positions - 1  # [U] items after each one in its bucket
+    def link(
+        self, items: np.ndarray, buckets: np.ndarray, b_start: np.ndarray, b_size: np.ndarray,
+        max_distance: int, union: UnionFind,
+    ) -> None:
+        """Verify the pairs (items[k], positions b_start[k] + r < b_start[k] + b_size[k] of buckets[k])."""
+        ends = np.cumsum(b_size)  # [R]
+        cuts = np.searchsorted(ends, np.arange(PAIR_CHUNK, int(ends[-1]) if ends.size else 0, PAIR_CHUNK))
+        for lo, hi in itertools.pairwise([0, *np.unique(cuts).tolist(), items.size]):  # ~PAIR_CHUNK pairs
+            p, start, size = items[lo:hi], b_start[lo:hi], b_size[lo:hi]
+            n_pairs = (ends[hi - 1] if hi else 0) - (ends[lo - 1] if lo else 0)
+            if union.merges and n_pairs > 2 * p.size:  # big buckets: skip those already in p's component
+                comp, bucket_comp = self._components(union)
+                keep = comp[p] != bucket_comp[buckets[lo:hi]]
+                p, start, size = p[keep], start[keep], size[keep]
+            ia, ib = _expand(p, start, size)  # [T], [T] sorted positions
+            close = popcount64(self.hashes[ia] ^ self.hashes[ib]) <= max_distance
+            union.add(self.order[ia[close]], self.order[ib[close]])
+
+
+def _mih_link(u: np.ndarray, max_distance: int, blocks: tuple[Block, ...], union: UnionFind) -> None:
+    """Feed `union` every pair of the distinct hashes `u` within max_distance, block by block."""
+    for blk in blocks:
+        index = _BlockIndex(u, blk)
+        bucket_end = (index.starts + index.sizes)[index.bucket_of]  # [U]
+        later = bucket_end - np.arange(u.size) - 1  # [U] positions after each one in its bucket
         shared = np.flatnonzero(later > 0)  # same key on this block: pair each item with the later ones
-        for ia, ib in _expand(shared, shared + 1, later[shared]):
-            yield verified(ia, ib)
+        index.link(shared, index.bucket_of[shared], shared + 1, later[shared], max_distance, union)
         if blk.radius == 0:
             continue
-        probes = _neighbour_probes(sorted_keys, sorted_keys[starts], blk.width, blk.radius)
-        for items, buckets in probes:
-            for ia, ib in _expand(items, starts[buckets], sizes[buckets]):
-                yield verified(ia, ib)
-
-
-def _components(n: int, edges: Pairs) -> np.ndarray:
-    """Component id per node for a stream of edges, folding the buffer into a star forest when it grows."""
-    buf_a: list[np.ndarray] = []
-    buf_b: list[np.ndarray] = []
-    held = 0
-
-    def fold() -> np.ndarray:
-        a, b = np.concatenate(buf_a), np.concatenate(buf_b)
-        graph = coo_matrix((np.ones(a.size, dtype=np.float32), (a, b)), shape=(n, n)).tocsr()
-        return connected_components(graph, directed=False)[1].astype(np.int64)  # [n]
-
-    for a, b in edges:
-        buf_a.append(a)
-        buf_b.append(b)
-        held += a.size
-        if held > EDGE_BUFFER:
-            comp = fold()
-            first = np.full(comp.max() + 1, n, dtype=np.int64)
-            np.minimum.at(first, comp, np.arange(n))
-            rep = first[comp]  # [n] smallest node of each node's component
-            linked = np.flatnonzero(rep != np.arange(n))
-            buf_a, buf_b, held = [linked], [rep[linked]], linked.size  # star forest, at most n edges
-    if not buf_a:
-        return np.arange(n, dtype=np.int64)
-    return fold()
+        for items, buckets in _neighbour_probes(index.keys, index.keys[index.starts], blk.width, blk.radius):
+            index.link(items, buckets, index.starts[buckets], index.sizes[buckets], max_distance, union)
 
 
 def near_duplicate_groups(
@@ -317,10 +335,13 @@ def near_duplicate_groups(
     plan = choose_plan(u.size, max_distance, n_blocks=n_blocks, method=method)
     if plan.method == "exact":
         return first[inverse].astype(np.int64)
+    union = UnionFind(u.size)
     if plan.method == "pairwise":
-        comp = _components(u.size, _pairwise_edges(u, max_distance))  # [U]
+        for a, b in _pairwise_edges(u, max_distance):
+            union.add(a, b)
     else:
-        comp = _components(u.size, _mih_edges(u, max_distance, plan.blocks))  # [U]
-    smallest = np.full(comp.max() + 1, h.size, dtype=np.int64)  # [C]
-    np.minimum.at(smallest, comp, first)
-    return smallest[comp][inverse]
+        _mih_link(u, max_distance, plan.blocks, union)
+    root = union.roots()  # [U] smallest distinct-hash index of each component
+    smallest = np.full(u.size, h.size, dtype=np.int64)  # [U] smallest input index per root
+    np.minimum.at(smallest, root, first)
+    return smallest[root][inverse]

@@ -72,7 +72,10 @@ def run_stage(pipeline: Pipeline, name: str, run_dir: Path, progress: Progress, 
     t0 = time.time()
     timings: dict[str, float] = {}
     config_hash = stage.config_hash()
-    fingerprint = op.input_fingerprint() if op.inputs == 0 else _input_parts(pipeline, stage, run_dir)[1]
+    try:
+        fingerprint = op.input_fingerprint() if op.inputs == 0 else _input_parts(pipeline, stage, run_dir)[1]
+    except (OSError, ValueError) as e:
+        raise StageFailed(f"stage '{name}': cannot read its input: {e}") from None
     manifest = sd.manifest()
     current = manifest and manifest.get("status") == "complete" and manifest["config_hash"] == config_hash \
         and manifest["input_fingerprint"] == fingerprint
@@ -91,7 +94,10 @@ def run_stage(pipeline: Pipeline, name: str, run_dir: Path, progress: Progress, 
         plan_path = sd.work / "plan.json"
         parts = (read_json(plan_path) or {}).get("parts")
         if parts is None:
-            parts = op.plan()
+            try:
+                parts = op.plan()
+            except (OSError, ValueError) as e:
+                raise StageFailed(f"stage '{name}': cannot plan its parts: {e}") from None
             atomic_write_json(plan_path, {"parts": parts})
         timings["plan_s"] = time.time() - t0
     else:

@@ -113,7 +113,7 @@ class StageDir:
             for p in self.root.rglob(".*.tmp-*"):
                 p.unlink(missing_ok=True)
 
-    def commit(self, name: str, out: pa.Table, rejects: pa.Table, rows_in: int) -> dict:
+    def commit(self, name: str, out: pa.Table, rejects: pa.Table, rows_in: int, **info) -> dict:
         """Write a part's output and rejects, then its marker (the commit point); check the accounting."""
         if rows_in != out.num_rows + rejects.num_rows:
             raise RuntimeError(
@@ -125,6 +125,7 @@ class StageDir:
             "rejected": dict(Counter(rejects.column("reason").to_pylist())),
             "sha256": atomic_write_parquet(out, self.part(name)),
             "rejects_sha256": atomic_write_parquet(rejects, self.rejects(name)),
+            **info,
         }
         atomic_write_json(self.marker(name), marker)
         return marker

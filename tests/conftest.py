@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on 127.0.0.1 only: tests talk to loopback alone
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,6 +20,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_ray_started_with(tmp: str) -> None:
+    """SIGKILL every process whose environment has RAY_TMPDIR=tmp: one Ray instance's daemons and workers, no other."""
+    needle = f"RAY_TMPDIR={tmp}".encode()
+    for _ in range(3):  # agents may outlive the raylet for a moment
+        for env in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if needle in env.read_bytes().split(b"\0"):
+                    os.kill(int(env.parent.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -161,17 +161,22 @@ def test_matches_brute_force_on_planted_clusters(max_distance: int) -> None:
 
 
 @pytest.mark.parametrize(("n_bits", "max_distance"), [(12, 1), (20, 1), (20, 3), (12, 6), (12, 12)])
-def test_matches_brute_force_with_huge_buckets(n_bits: int, max_distance: int) -> None:
+def test_matches_brute_force_with_huge_buckets(
+    n_bits: int, max_distance: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hashes = _low_entropy(seed=max_distance, n_bits=n_bits)
     expected = brute_force_groups(hashes, max_distance)
     np.testing.assert_array_equal(near_duplicate_groups(hashes, max_distance, method="mih"), expected)
+    monkeypatch.setattr(neardup, "LINK_BATCH", 1000)  # merge early, so whole buckets get skipped
+    monkeypatch.setattr(neardup, "PAIR_CHUNK", 4096)
+    np.testing.assert_array_equal(near_duplicate_groups(hashes, max_distance, method="mih"), expected)
 
 
-def test_small_chunks_and_edge_folding_stay_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_chunks_and_early_merges_stay_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     hashes = np.concatenate([_planted(7), _low_entropy(7, n=500)])
     expected = brute_force_groups(hashes, 4)
     monkeypatch.setattr(neardup, "PAIR_CHUNK", 64)
-    monkeypatch.setattr(neardup, "EDGE_BUFFER", 100)
+    monkeypatch.setattr(neardup, "LINK_BATCH", 100)
     for m in (2, 3, 5):
         np.testing.assert_array_equal(near_duplicate_groups(hashes, 4, method="mih", n_blocks=m), expected)
     np.testing.assert_array_equal(near_duplicate_groups(hashes, 4, method="pairwise"), expected)

@@ -142,3 +142,35 @@ def test_retry_failed_recovers_transient_failures_only(first_run):
     assert len(new) == 1 and "flaky" in next(iter(new))  # nothing else was requested again
     assert _phases(log)["dedup"] == "process"  # its input changed, so it and what follows were redone
     assert out["dedup"]["input_fingerprint"] == out["ingest"]["output_fingerprint"] != manifests["ingest"]["output_fingerprint"]
+
+
+def test_ingest_refuses_bad_rows_with_reasons_and_reads_csv(ray_session, web, tmp_path):
+    from curation.config import parse_pipeline
+
+    web_dir, _ = web
+    good = pl.read_parquet(web_dir / "urls.parquet").head(3)
+    rows = good.to_dicts() + [
+        {"url": good["url"][0], "caption": good["caption"][0]},  # the same pair again
+        {"url": "file:///etc/passwd", "caption": "local file"},
+        {"url": "", "caption": "no url"},
+        {"url": None, "caption": "null url"},
+    ]
+    csv = tmp_path / "urls.csv"
+    pl.DataFrame(rows).write_csv(csv)
+    raw = {"name": "csv", "stages": {"ingest": {"op": "ingest", "params": {"urls": str(csv)}}}}
+    m = run_pipeline(parse_pipeline(raw, "csv.yaml"), tmp_path / "run")["ingest"]
+    assert m["counts"]["in"] == 7 and m["counts"]["out"] == 3
+    assert m["counts"]["rejected_by_reason"] == {"duplicate_input_row": 1, "unsupported_scheme": 1, "missing_url": 2}
+
+
+def test_missing_url_list_is_a_clear_error(ray_session, tmp_path):
+    from curation.config import parse_pipeline
+    from curation.runner import StageFailed
+
+    raw = {"name": "x", "stages": {"ingest": {"op": "ingest", "params": {"urls": str(tmp_path / "nope.parquet")}}}}
+    with pytest.raises(StageFailed, match="stage 'ingest': cannot read its input: .*nope.parquet"):
+        run_pipeline(parse_pipeline(raw, "x.yaml"), tmp_path / "run")
+    raw["stages"]["ingest"]["params"] = {"urls": str(tmp_path / "u.csv"), "url_col": "link"}
+    (tmp_path / "u.csv").write_text("url,caption\nhttp://127.0.0.1:1/a.jpg,a\n")
+    with pytest.raises(StageFailed, match="no column 'link'"):
+        run_pipeline(parse_pipeline(raw, "x.yaml"), tmp_path / "run2")

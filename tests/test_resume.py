@@ -14,7 +14,7 @@ import pytest
 
 from curation.config import load_pipeline
 from curation.runner import run_pipeline
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, kill_ray_started_with
 
 STAGES = ("ingest", "dedup", "filter")
 
@@ -27,7 +27,7 @@ def slow_web(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("kweb")
     make_web(out, n=150, port=free_port(), seed=1)
-    with WebServer(out, delay=0.05) as server:
+    with WebServer(out, delay=0.05):
         yield out
 
 
@@ -73,7 +73,7 @@ def _kill_during(run: Path, web: Path, stage: str, step: str) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        subprocess.run(["pkill", "-9", "-f", env["RAY_TMPDIR"]], check=False)  # Ray's own daemons of that run
+        kill_ray_started_with(env["RAY_TMPDIR"])  # and the Ray instance that run started
     assert not (run / stage / "_manifest.json").exists(), "the stage finished before the kill"
 
 

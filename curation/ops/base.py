@@ -37,6 +37,9 @@ class Op(ABC):
         self.stage = stage
         self.work = work
 
+    def setup(self) -> None:
+        """Load what the op needs (models, heavy modules) once per worker, before its first part."""
+
     # sources
     def input_fingerprint(self) -> str:
         raise TypeError(f"op {self.name} is not a source")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -10,12 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from img2dataset.downloader import Downloader
-from img2dataset.resizer import Resizer
-from img2dataset.writer import ParquetSampleWriter
 from pydantic import Field
 
-from curation.download_reasons import TRANSIENT, decode_reason, download_reason, sniff, split_reason
+from curation.download_reasons import TRANSIENT, download_reason, split_reason
 from curation.ops.base import Op, Params
 from curation.store import make_rejects
 from schemas import Image, arrow_schema
@@ -32,7 +28,7 @@ class IngestParams(Params):
     urls: str = Field(description="URL list: .parquet or .csv with url (and caption) columns")
     url_col: str = "url"
     caption_col: str | None = "caption"
-    shard_size: int = Field(1000, ge=1, description="URLs per part (one Ray task each)")
+    shard_size: int | None = Field(None, ge=1, description="URLs per part; default: n/16 within [100, 1000], so every core stays busy")
     image_size: int = Field(256, ge=8)
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio_largest"
     resize_only_if_bigger: bool = True
@@ -41,24 +37,6 @@ class IngestParams(Params):
     timeout: float = Field(10, gt=0, description="seconds per request")
     retries: int = Field(0, ge=0, description="img2dataset's immediate retries per URL")
     max_pixels: int = Field(89_478_485, ge=1, description="refuse images whose header claims more pixels (decompression bombs)")
-
-
-class CheckedResizer(Resizer):
-    """img2dataset's resizer behind a header sniff, with specific reasons for what fails to decode."""
-
-    def __init__(self, max_pixels: int, **kwargs):
-        super().__init__(**kwargs)
-        self.max_pixels = max_pixels
-
-    def __call__(self, img_stream, blurring_bbox_list=None):
-        data = img_stream.getvalue()
-        refused = sniff(data, self.max_pixels)
-        if refused:
-            return None, None, None, None, None, ": ".join(refused)
-        out = super().__call__(img_stream, blurring_bbox_list)
-        if out[-1] == "Image decoding error":
-            return (*out[:-1], ": ".join(decode_reason(data)))
-        return out
 
 
 class Ingest(Op):
@@ -70,6 +48,12 @@ class Ingest(Op):
     output = Image
     inputs = 0
     retryable = TRANSIENT
+    actor = True  # queued parts per actor hide Ray Data's dispatch gap between tasks
+
+    def setup(self) -> None:
+        from curation import img2dataset_shard  # cv2 and albumentations: a second to import, once per worker
+
+        self.download_shard = img2dataset_shard.download_shard
 
     def input_fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -98,13 +82,14 @@ class Ingest(Op):
             dup.append(u in seen)
             seen.add(u)
         table = table.append_column("repeat", pa.array(dup))
+        size = self.params.shard_size or min(1000, max(100, -(-len(table) // 16)))
         parts = []
-        for i, start in enumerate(range(0, max(len(table), 1), self.params.shard_size)):
+        for i, start in enumerate(range(0, max(len(table), 1), size)):
             name = f"part-{i:05d}"
             path = self.work / "plan" / f"{name}.arrow"
             path.parent.mkdir(parents=True, exist_ok=True)
             with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-                w.write_table(table.slice(start, self.params.shard_size))
+                w.write_table(table.slice(start, size))
             parts.append(name)
         return parts
 
@@ -137,15 +122,7 @@ class Ingest(Op):
         todo = rows.filter(pc.invert(pc.or_(repeat, bad_scheme)))
         if todo.num_rows == 0:
             return arrow_schema(Image).empty_table(), pa.concat_tables(rejects)
-        out_dir = self.work / f"{tag}-{part}"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
-        shard = out_dir / "shard.arrow"
-        with pa.OSFile(str(shard), "wb") as f, pa.ipc.new_file(f, todo.schema) as w:
-            w.write_table(todo)
-        self._downloader(out_dir, todo.column_names)((0, str(shard)))
-        got = pq.read_table(out_dir / "00000.parquet")
-        shutil.rmtree(out_dir, ignore_errors=True)
+        got = self.download_shard(todo, self.work / f"{tag}-{part}", self.params)
         ok = got.filter(pc.equal(got.column("status"), "success"))
         failed = got.filter(pc.not_equal(got.column("status"), "success")).to_pylist()
         reasons, details = [], []
@@ -162,21 +139,6 @@ class Ingest(Op):
             "image": ok.column("jpg"), "exif": ok.column("exif"),
         }).sort_by("uid")
         return images, pa.concat_tables(rejects).sort_by([("reason", "ascending"), ("uid", "ascending")])
-
-    def _downloader(self, out_dir: Path, columns: list[str]) -> Downloader:
-        p = self.params
-        resizer = CheckedResizer(
-            p.max_pixels, image_size=p.image_size, resize_mode=p.resize_mode, resize_only_if_bigger=p.resize_only_if_bigger,
-            upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=p.encode_quality,
-            encode_format="jpg", skip_reencode=False, disable_all_reencoding=False, min_image_size=0,
-            max_image_area=float("inf"), max_aspect_ratio=float("inf"), blurrer=None,
-        )
-        return Downloader(
-            sample_writer_class=ParquetSampleWriter, resizer=resizer, thread_count=p.thread_count, save_caption=True,
-            extract_exif=True, output_folder=str(out_dir), column_list=columns, timeout=p.timeout,
-            number_sample_per_shard=max(2, p.shard_size), oom_shard_count=5, compute_hash="sha256", verify_hash_type=None,
-            encode_format="jpg", retries=p.retries, user_agent_token=None, disallowed_header_directives=None,
-        )
 
 
 def _resize_reason(message: str) -> tuple[str, str]:
