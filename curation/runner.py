@@ -56,7 +56,7 @@ def _run(stage: Stage, run_dir: Path, step: str, parts: list[str], progress: Pro
     return errors
 
 
-def _input_parts(pipeline: Pipeline, stage: Stage, run_dir: Path) -> tuple[list[str], str]:
+def _input_parts(stage: Stage, run_dir: Path) -> tuple[list[str], str]:
     """Part names and the input fingerprint of a stage."""
     up = StageDir(run_dir, stage.after[0]).manifest()
     if not up or up.get("status") != "complete":
@@ -72,8 +72,12 @@ def run_stage(pipeline: Pipeline, name: str, run_dir: Path, progress: Progress, 
     t0 = time.time()
     timings: dict[str, float] = {}
     config_hash = stage.config_hash()
+    parts: list[str] | None = None
     try:
-        fingerprint = op.input_fingerprint() if op.inputs == 0 else _input_parts(pipeline, stage, run_dir)[1]
+        if op.inputs == 0:
+            fingerprint = op.input_fingerprint()
+        else:
+            parts, fingerprint = _input_parts(stage, run_dir)
     except (OSError, ValueError) as e:
         raise StageFailed(f"stage '{name}': cannot read its input: {e}") from None
     manifest = sd.manifest()
@@ -100,8 +104,6 @@ def run_stage(pipeline: Pipeline, name: str, run_dir: Path, progress: Progress, 
                 raise StageFailed(f"stage '{name}': cannot plan its parts: {e}") from None
             atomic_write_json(plan_path, {"parts": parts})
         timings["plan_s"] = time.time() - t0
-    else:
-        parts = _input_parts(pipeline, stage, run_dir)[0]
 
     errors: list[str] = []
     if op.has_analyze:
