@@ -23,8 +23,13 @@ from schemas import Reject, conform
 
 def init_ray(address: str | None, run_dir: Path) -> None:
     """Start (or join) Ray once per process; local by default, `address` for an existing cluster."""
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        ray.init(**_init_kwargs(address, run_dir))
+    DataContext.get_current().enable_progress_bars = False  # the CLI draws its own, per stage
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _init_kwargs(address: str | None, run_dir: Path) -> dict:
     kwargs: dict = {"log_to_driver": False, "include_dashboard": False, "ignore_reinit_error": True}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -34,9 +39,7 @@ def init_ray(address: str | None, run_dir: Path) -> None:
         if len(tmp) > 60:  # Ray's unix socket paths must stay under ~107 characters
             tmp = tempfile.mkdtemp(prefix="ray-")
         kwargs["_temp_dir"] = tmp
-    ray.init(**kwargs)
-    DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return kwargs
 
 
 def build_op(stage: Stage, run_dir: str):
