@@ -10,7 +10,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: demo test test-fast bench clean
 
+WORDNET := /usr/share/wordnet/data.noun
+
 $(STAMP): pyproject.toml requirements.lock
+	@test -f $(WORDNET) || (apt-get update -qq && apt-get install -y -qq wordnet-base) \
+		|| echo "warning: could not install Debian wordnet-base; vocabulary tests that need WordNet will skip"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
