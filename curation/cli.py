@@ -17,7 +17,9 @@ from rich.table import Table
 app = typer.Typer(help="Curate web image-text pairs into LLaVA-style training data.", no_args_is_help=True)
 schema_app = typer.Typer(help="The row contract (schemas/).", no_args_is_help=True)
 fixtures_app = typer.Typer(help="The synthetic web used by tests and the demo.", no_args_is_help=True)
+vocab_app = typer.Typer(help="The concept vocabulary (MetaCLIP's recipe, from offline sources).", no_args_is_help=True)
 app.add_typer(schema_app, name="schema")
+app.add_typer(vocab_app, name="vocab")
 app.add_typer(fixtures_app, name="fixtures")
 console = Console(stderr=True)
 
@@ -143,6 +145,48 @@ def schema_export(out: Path = typer.Option(Path("schemas/json"), help="folder fo
     for name, model in TABLES.items():
         (out / f"{name}.schema.json").write_text(json.dumps(model.model_json_schema(by_alias=True), indent=2) + "\n")
     print(f"wrote {len(TABLES)} schemas to {out}")
+
+
+def _wrote_vocab(table, out: Path) -> None:
+    from curation.vocab import source_counts, write_vocab
+
+    version = write_vocab(table, out)
+    print(json.dumps({"path": str(out), "version": version, "entries": table.num_rows, "sources": source_counts(table)}, indent=2))
+
+
+@vocab_app.command("build")
+def vocab_build(
+    out: Path = typer.Option(..., help="vocabulary Parquet file to write (id, text, source)"),
+    target: int = typer.Option(500_000, help="entries to aim for"),
+    titles: list[Path] = typer.Option([], "--titles", help="text files of titles/phrases, one per line"),
+    corpus: list[Path] = typer.Option([], "--corpus", help="Parquet files with a caption column, mined for PMI bigrams"),
+    caption_col: str = typer.Option("caption"),
+    min_pmi: float = typer.Option(3.0, help="bigram PMI threshold (natural log)"),
+    min_count: int = typer.Option(10, help="bigram minimum count"),
+):
+    """Build a vocabulary: numbers 0-99, WordNet synset names, titles, PMI bigrams, then frequent words."""
+    import pyarrow.parquet as pq
+
+    from curation.vocab import build_vocab
+
+    texts = [t for p in corpus for t in pq.read_table(p, columns=[caption_col]).column(caption_col).to_pylist()]
+    try:
+        table = build_vocab(target, title_files=titles, corpus=texts or None, bigram_min_count=min_count, bigram_min_pmi=min_pmi)
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    _wrote_vocab(table, out)
+
+
+@vocab_app.command("import")
+def vocab_import(metadata: Path, out: Path = typer.Option(..., help="vocabulary Parquet file to write")):
+    """Import MetaCLIP's metadata.json (a JSON list of strings, id = index)."""
+    from curation.vocab import import_metaclip
+
+    try:
+        table = import_metaclip(metadata)
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    _wrote_vocab(table, out)
 
 
 @fixtures_app.command("web")

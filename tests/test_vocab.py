@@ -140,3 +140,29 @@ def test_import_metaclip_rejects_bad_files(tmp_path):
     bad.write_text(json.dumps(["ok", 3]))
     with pytest.raises(ValueError, match="entry 1"):
         vocab.import_metaclip(bad)
+
+
+def test_vocab_cli_build_and_import(tmp_path):
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+    from curation.vocab import read_vocab
+
+    corpus = tmp_path / "caps.parquet"
+    import pyarrow as _pa
+    import pyarrow.parquet as _pq
+
+    _pq.write_table(_pa.table({"caption": ["a photo taken in new york city"] * 30 + [f"word{i} thing{i}" for i in range(300)]}), corpus)
+    res = CliRunner().invoke(app, ["vocab", "build", "--out", str(tmp_path / "v.parquet"), "--corpus", str(corpus), "--min-count", "5"])
+    assert res.exit_code == 0, res.output
+    info = _json.loads(res.output)
+    table = read_vocab(tmp_path / "v.parquet")
+    texts = table.column("text").to_pylist()
+    assert info["entries"] == table.num_rows > 300_000 and "new york" in texts
+    assert table.column("source")[texts.index("new york")].as_py() == "bigram"
+    (tmp_path / "metadata.json").write_text(_json.dumps(["cat", "hot dog", "0"]))
+    res = CliRunner().invoke(app, ["vocab", "import", str(tmp_path / "metadata.json"), "--out", str(tmp_path / "m.parquet")])
+    assert res.exit_code == 0, res.output
+    assert read_vocab(tmp_path / "m.parquet").column("text").to_pylist() == ["cat", "hot dog", "0"]
