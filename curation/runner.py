@@ -64,6 +64,10 @@ def _input_parts(stage: Stage, run_dir: Path) -> tuple[list[str], str]:
     return sorted(up["parts"]), up["output_fingerprint"]
 
 
+def _with_part(table: pa.Table, part: str) -> pa.Table:
+    return table.append_column("part", pa.array([part] * table.num_rows, pa.string()))
+
+
 def run_stage(pipeline: Pipeline, name: str, run_dir: Path, progress: Progress, retry_failed: bool = False) -> dict:
     """Bring one stage up to date; return its manifest."""
     stage = pipeline.stages[name]
@@ -112,7 +116,7 @@ def run_stage(pipeline: Pipeline, name: str, run_dir: Path, progress: Progress, 
         timings["analyze_s"] = time.time() - t
         if not errors and not (sd.work / "aggregate.json").exists():
             t = time.time()
-            summaries = [pq.read_table(sd.work / "analyze" / f"{p}.parquet") for p in parts]
+            summaries = [_with_part(pq.read_table(sd.work / "analyze" / f"{p}.parquet"), p) for p in parts]
             op.aggregate(pa.concat_tables(summaries) if summaries else None)
             atomic_write_json(sd.work / "aggregate.json", {"parts": len(parts)})
             timings["aggregate_s"] = time.time() - t

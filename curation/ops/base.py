@@ -59,7 +59,7 @@ class Op(ABC):
         raise TypeError(f"op {self.name} has no global step")
 
     def aggregate(self, summaries: pa.Table) -> None:
-        """Compute the global state from all parts' summaries and write it under self.work."""
+        """Compute the global state from all parts' summaries (plus a `part` column) and write it under self.work."""
         raise TypeError(f"op {self.name} has no global step")
 
     # the map step

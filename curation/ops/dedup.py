@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 from PIL import Image as PILImage
 from pydantic import Field
 
-from curation.neardup import near_duplicate_groups, phash_u64
+from curation.neardup import near_duplicate_groups, phash_u64, popcount64
 from curation.ops.base import Op, Params
 from curation.store import atomic_write_parquet, make_rejects
-from schemas import DedupedImage
+from schemas import DedupedImage, arrow_schema
 
 
 class DedupParams(Params):
@@ -45,9 +45,9 @@ class Dedup(Op):
         })
 
     def aggregate(self, summaries: pa.Table | None) -> None:
-        """Assign every uid its group representative; write RUN/dedup/groups.parquet."""
+        """Assign every uid its group representative; write RUN/dedup/groups.parquet and one file per part."""
         if summaries is None or summaries.num_rows == 0:
-            atomic_write_parquet(_groups_table([], [], [], [], []), self.groups_path)
+            atomic_write_parquet(_groups_table([], [], [], [], [], [], []), self.groups_path)
             return
         # priority order: most pixels first, then smallest uid
         t = summaries.sort_by([("pixels", "descending"), ("uid", "ascending")])
@@ -65,31 +65,34 @@ class Dedup(Op):
         exact = sha == sha[rep_row]
         is_rep = rep_row == np.arange(len(uid))
         reason = np.where(is_rep, None, np.where(exact, "exact_duplicate", "near_duplicate"))
-        dist = [int(bin(int(a) ^ int(b)).count("1")) for a, b in zip(phash, phash[rep_row])]
-        atomic_write_parquet(_groups_table(uid.tolist(), uid[rep_row].tolist(), size.tolist(), reason.tolist(), dist), self.groups_path)
+        dist = popcount64(phash ^ phash[rep_row])
+        groups = _groups_table(uid.tolist(), uid[rep_row].tolist(), size, reason.tolist(), dist, phash, t.column("part"))
+        atomic_write_parquet(groups, self.groups_path)
+        groups = groups.sort_by("part")
+        start = 0
+        for item in sorted(pc.value_counts(groups.column("part")).to_pylist(), key=lambda d: d["values"]):
+            atomic_write_parquet(groups.slice(start, item["counts"]), self.work / "groups" / f"{item['values']}.parquet")
+            start += item["counts"]
 
     def process(self, part: str, table: pa.Table) -> tuple[pa.Table, pa.Table]:
-        groups = pq.read_table(self.groups_path)
-        g = groups.filter(pc.is_in(groups.column("uid"), table.column("uid")))
-        phash = self._phashes(part)
-        t = table.join(g, "uid").join(phash, "uid").sort_by("uid")
+        if table.num_rows == 0:  # aggregate wrote no group file for an empty part
+            return arrow_schema(DedupedImage).empty_table(), make_rejects([], self.stage, "exact_duplicate")
+        g = pq.read_table(self.work / "groups" / f"{part}.parquet").drop_columns(["part"])
+        hexes = pa.array([f"{h:016x}" for h in g.column("phash").to_pylist()], pa.string())
+        g = g.set_column(g.schema.get_field_index("phash"), "phash", hexes)
+        t = table.join(g, "uid").sort_by("uid")
         keep = pc.is_null(t.column("reason"))
         kept = t.filter(keep)
-        out = kept.drop_columns(["rep_uid", "group_size", "reason", "distance", "phash_u64"]).append_column(
+        out = kept.drop_columns(["rep_uid", "group_size", "reason", "distance"]).append_column(
             "dup_group", kept.column("rep_uid")).append_column("dup_count", kept.column("group_size").cast(pa.int32()))
         dups = t.filter(pc.invert(keep))
         details = [f"duplicate of {r} (phash distance {d})" for r, d in zip(dups.column("rep_uid").to_pylist(), dups.column("distance").to_pylist())]
         return out, make_rejects(dups, self.stage, dups.column("reason").to_pylist(), details)
 
-    def _phashes(self, part: str) -> pa.Table:
-        a = pq.read_table(self.work / "analyze" / f"{part}.parquet", columns=["uid", "phash"])
-        hexes = [f"{int(h):016x}" for h in a.column("phash").to_pylist()]
-        return pa.table({"uid": a.column("uid"), "phash": hexes, "phash_u64": a.column("phash")})
 
-
-def _groups_table(uid, rep, size, reason, dist) -> pa.Table:
+def _groups_table(uid, rep, size, reason, dist, phash, part) -> pa.Table:
     return pa.table({
         "uid": pa.array(uid, pa.string()), "rep_uid": pa.array(rep, pa.string()),
         "group_size": pa.array(size, pa.int64()), "reason": pa.array(reason, pa.string()),
-        "distance": pa.array(dist, pa.int32()),
+        "distance": pa.array(dist, pa.int32()), "phash": pa.array(phash, pa.uint64()), "part": pa.array(part, pa.string()),
     })
