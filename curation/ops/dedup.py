@@ -12,7 +12,7 @@ from pydantic import Field
 
 from curation.neardup import near_duplicate_groups, phash_u64, popcount64
 from curation.ops.base import Op, Params
-from curation.store import atomic_write_parquet, make_rejects
+from curation.store import atomic_write_parquet, empty_rejects, make_rejects
 from schemas import DedupedImage, arrow_schema
 
 
@@ -70,13 +70,13 @@ class Dedup(Op):
         atomic_write_parquet(groups, self.groups_path)
         groups = groups.sort_by("part")
         start = 0
-        for item in sorted(pc.value_counts(groups.column("part")).to_pylist(), key=lambda d: d["values"]):
+        for item in pc.value_counts(groups.column("part")).to_pylist():  # first-seen order = sorted order
             atomic_write_parquet(groups.slice(start, item["counts"]), self.work / "groups" / f"{item['values']}.parquet")
             start += item["counts"]
 
     def process(self, part: str, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         if table.num_rows == 0:  # aggregate wrote no group file for an empty part
-            return arrow_schema(DedupedImage).empty_table(), make_rejects([], self.stage, "exact_duplicate")
+            return arrow_schema(DedupedImage).empty_table(), empty_rejects()
         g = pq.read_table(self.work / "groups" / f"{part}.parquet").drop_columns(["part"])
         hexes = pa.array([f"{h:016x}" for h in g.column("phash").to_pylist()], pa.string())
         g = g.set_column(g.schema.get_field_index("phash"), "phash", hexes)
