@@ -32,6 +32,9 @@ test-fast: $(STAMP)
 bench: $(STAMP)  ## the benchmarks in bench/ (see bench/RESULTS.md)
 	$(PY) bench/bench_ingest.py
 	$(PY) bench/bench_near_dup.py
+	$(PY) bench/bench_balance.py
+	$(PY) bench/bench_match.py
+	$(PY) bench/bench_embed.py
 
 clean:
 	rm -rf demo runs .pytest_cache

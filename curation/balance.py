@@ -276,7 +276,7 @@ def coverage(
     """Coverage of the entries by the kept images (all images when keep is None).
 
     Head and tail are fixed by the counts of the whole pool, so before/after numbers compare the same
-    entries: head = the top 1% of entries by pool count; tail = entries with pool count < t (needs t).
+    entries: head = the top 1% of the entries present in the pool, by pool count; tail = entries with pool count < t (needs t).
     Shares are fractions of the kept matches. Gini is over kept per-entry counts, both over the entries
     present in the pool (`gini_present`) and over all n_concepts entries (`gini_all`, unseen ones count 0).
     """
@@ -289,7 +289,7 @@ def coverage(
         kept = concept_counts(concept_ids[per_match], n_concepts)
         n_images = int(keep.sum())
     total = max(int(kept.sum()), 1)
-    n_head = max(1, int(np.ceil(0.01 * n_concepts)))
+    n_head = max(1, int(np.ceil(0.01 * (pool > 0).sum())))
     head = np.argpartition(pool, n_concepts - n_head)[n_concepts - n_head :]  # [n_head] entry ids
     out = {
         "n_images": int(n_images),

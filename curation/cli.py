@@ -20,7 +20,9 @@ fixtures_app = typer.Typer(help="The synthetic web used by tests and the demo.",
 vocab_app = typer.Typer(help="The concept vocabulary (MetaCLIP's recipe, from offline sources).", no_args_is_help=True)
 app.add_typer(schema_app, name="schema")
 app.add_typer(vocab_app, name="vocab")
+models_app = typer.Typer(help="Models the project makes itself.", no_args_is_help=True)
 app.add_typer(fixtures_app, name="fixtures")
+app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 
@@ -77,7 +79,7 @@ def run(
 
 
 def _print_status(run_dir: Path) -> None:
-    from curation.status import run_status
+    from curation.status import coverage_rows, run_status
 
     st = run_status(run_dir)
     out = Console()
@@ -93,6 +95,16 @@ def _print_status(run_dir: Path) -> None:
             reasons.add_row(s["stage"], reason, str(n))
     out.print(table)
     out.print(reasons)
+    for s in st["stages"]:
+        if "coverage_before" in s.get("report", {}):
+            rep = s["report"]
+            cov = Table(title=f"{s['stage']}: concept coverage ({rep['method']}, t={rep['t'] and round(rep['t'], 3)}, "
+                              f"{rep['selected']} of {rep['pool']} images kept)")
+            for col in ("metric", "before", "after"):
+                cov.add_column(col, justify="left" if col == "metric" else "right")
+            for row in coverage_rows(rep):
+                cov.add_row(row["metric"], *(f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k]) for k in ("before", "after")))
+            out.print(cov)
 
 
 @app.command()
@@ -116,6 +128,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def demo_assets(out: Path, urls: Path) -> tuple[Path, Path]:
+    """The demo's tiny CLIP weights and its small vocabulary (frequent words, numbers, caption bigrams), made once."""
+    import pyarrow.parquet as pq
+
+    from curation.clip import make_tiny_checkpoint
+    from curation.vocab import build_vocab, write_vocab
+
+    model, vocab = out / "models" / "tiny-clip.pt", out / "vocab.parquet"
+    if not model.exists():
+        make_tiny_checkpoint(model, seed=0)
+    if not vocab.exists():
+        captions = pq.read_table(urls, columns=["caption"]).column("caption").to_pylist()
+        write_vocab(build_vocab(DEMO_VOCAB, wordnet_dir=None, corpus=captions, bigram_min_count=3), vocab)
+    return model, vocab
+
+
+DEMO_VOCAB = 12_000  # entries: the tiny model embeds ~1.5k entries/s on 2 cores; real runs use 500,000
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo"), help="where the fixture web and the run go"),
@@ -129,8 +160,11 @@ def demo(
 
     web = out / "web"
     make_web(web, n=n, port=free_port(), seed=0)
+    model, vocab = demo_assets(out, web / "urls.parquet")
+    overrides = [f"ingest.urls={web / 'urls.parquet'}", f"embed.pretrained={model}", f"match_concepts.pretrained={model}",
+                 f"match_concepts.vocab={vocab}", f"match_concepts.cache_dir={out / 'cache'}", f"balance.vocab={vocab}"]
     with WebServer(web):
-        run_dir = execute(pipeline, out / "run", None, [f"ingest.urls={web / 'urls.parquet'}"])
+        run_dir = execute(pipeline, out / "run", None, overrides)
     _print_status(run_dir)
     print(f"run dir: {run_dir.resolve()}")
     print(f"status:  curate status {run_dir}")
@@ -187,6 +221,40 @@ def vocab_import(metadata: Path, out: Path = typer.Option(..., help="vocabulary 
     except (OSError, ValueError) as e:
         _fail(str(e))
     _wrote_vocab(table, out)
+
+
+@vocab_app.command("embed")
+def vocab_embed(
+    vocab: Path,
+    model: str = typer.Option("ViT-H-14-quickgelu", help="open_clip model name (use the embed stage's)"),
+    pretrained: Optional[str] = typer.Option("metaclip_fullcc", help="pretrained tag or local checkpoint file"),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16"),
+    template: str = typer.Option("{}", help="text embedded per entry, e.g. 'a photo of {}'"),
+    cache_dir: Optional[Path] = typer.Option(None, help="default $CURATION_CACHE or ~/.cache/curation"),
+    batch_size: int = typer.Option(256),
+):
+    """Embed a vocabulary with a text tower into the concept cache (what match_concepts loads), by (model, vocab hash)."""
+    from curation.clip import load_clip
+    from curation.concepts import ConceptCache
+
+    try:
+        clip = load_clip(model, pretrained, precision)
+        cache = ConceptCache(vocab, clip.model_id, template, cache_dir)
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    with Progress(TextColumn("embedding entries"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("embed", total=cache.vocab.num_rows)
+        cache.build(clip, batch_size, progress=lambda done, total: bar.update(task, completed=done))
+    print(json.dumps(cache.describe(), indent=2))
+
+
+@models_app.command("tiny")
+def models_tiny(out: Path = typer.Argument(..., help="checkpoint file to write (.pt)"), seed: int = typer.Option(0)):
+    """Write random weights for the project's tiny open_clip model (tests and the offline demo)."""
+    from curation.clip import TINY_MODEL, make_tiny_checkpoint
+
+    make_tiny_checkpoint(out, seed)
+    print(json.dumps({"model": TINY_MODEL, "pretrained": str(out)}))
 
 
 @fixtures_app.command("web")

@@ -113,8 +113,10 @@ def parse_pipeline(raw: Any, where: str, overrides: list[str] = ()) -> Pipeline:
         for dep in sc.after:
             if dep not in spec.stages:
                 errors.append(f"{where}: stage '{name}': after: depends on '{dep}', which is not a stage of this pipeline")
-        if len(sc.after) != op.inputs:
-            errors.append(f"{where}: stage '{name}': after: op '{op.name}' takes {op.inputs} input stage(s), got {len(sc.after)}")
+        most = op.inputs if op.max_inputs is None else op.max_inputs
+        if not op.inputs <= len(sc.after) <= most:
+            takes = f"{op.inputs}" if most == op.inputs else f"{op.inputs} to {most}"
+            errors.append(f"{where}: stage '{name}': after: op '{op.name}' takes {takes} input stage(s), got {len(sc.after)}")
         try:
             params = op.Params.model_validate(sc.params)
         except ValidationError as e:
@@ -126,9 +128,22 @@ def parse_pipeline(raw: Any, where: str, overrides: list[str] = ()) -> Pipeline:
     except CycleError as e:
         errors.append(f"{where}: stages form a cycle: {' -> '.join(e.args[1])}")
         order = []
+    errors += [] if errors else _check_columns(stages, where)
     if errors:
         raise ConfigError("\n".join(errors))
     return Pipeline(name=spec.name, path=where, stages=stages, order=[n for n in order if n in stages])
+
+
+def _check_columns(stages: dict[str, Stage], where: str) -> list[str]:
+    """Each stage's required columns must come from the row models of its `after` stages."""
+    errors = []
+    for name, st in stages.items():
+        have = {f for dep in st.after for f in stages[dep].op.output.model_fields}
+        missing = sorted(st.op.required_columns(st.params) - have)
+        if missing:
+            errors.append(f"{where}: stage '{name}': after: op '{st.op.name}' needs column(s) {', '.join(missing)}, "
+                          f"which none of {st.after} produces; add a stage that does to after:")
+    return errors
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> Pipeline:

@@ -50,19 +50,35 @@ def _read(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
+def join_by_uid(primary: pa.Table, other: pa.Table) -> pa.Table:
+    """Add `other`'s columns that `primary` lacks, matched by uid (null where other has no such uid)."""
+    idx = pc.index_in(primary.column("uid"), value_set=other.column("uid"))
+    for name in other.column_names:
+        if name not in primary.column_names:
+            primary = primary.append_column(other.schema.field(name), other.column(name).take(idx))
+    return primary
+
+
+def read_input(stage: Stage, run_dir: str, part: str, joined: bool = True) -> pa.Table:
+    """One part of the primary input, with the columns of the other inputs joined by uid (unless joined=False)."""
+    table = _read(StageDir(Path(run_dir), stage.after[0]).part(part))
+    for dep in stage.after[1:] if joined else []:
+        table = join_by_uid(table, _read(StageDir(Path(run_dir), dep).part(part)))
+    return table
+
+
 def run_step(op, stage: Stage, run_dir: str, step: str, part: str) -> dict:
     """Do one step for one part and record it; exceptions come back as an error string, not a crash."""
     sd = StageDir(Path(run_dir), stage.name)
     t0 = time.time()
     try:
-        src = StageDir(Path(run_dir), stage.after[0]).part(part) if stage.after else None
         if step == "analyze":
-            summary = op.analyze(_read(src))
+            summary = op.analyze(read_input(stage, run_dir, part, joined=op.analyze_joined))
             atomic_write_parquet(summary, sd.work / "analyze" / f"{part}.parquet")
             marker = {"rows": summary.num_rows}
             atomic_write_json(sd.marker(part, "analyze"), marker)
         elif step == "process":
-            table = _read(src) if src else None
+            table = read_input(stage, run_dir, part) if stage.after else None
             rows_in = table.num_rows if table is not None else op.part_size(part)
             out, rejects = op.process(part, table)
             where = f"stage '{stage.name}' part {part}"
@@ -91,6 +107,20 @@ def _retry(op, sd: StageDir, part: str) -> dict:
     rows_in = sd.done(part)["rows_in"]
     sd.uncommit(part)
     return sd.commit(part, out, rejects, rows_in)
+
+
+def prepare(stage: Stage, run_dir: Path) -> list[str]:
+    """Run the op's once-per-run preparation as one Ray task with the stage's resources; return errors."""
+    def _prepare() -> str:
+        try:
+            build_op(stage, str(run_dir)).prepare()
+            return ""
+        except Exception:  # noqa: BLE001 - reported like a part's error
+            return traceback.format_exc()
+
+    res = stage.resources
+    error = ray.get(ray.remote(_prepare).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus or None).remote())
+    return [f"prepare:\n{error}"] if error else []
 
 
 def _task(batch: dict, stage: Stage, run_dir: str, step: str) -> dict:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.config import Pipeline, Stage
-from curation.execute import build_op, init_ray, map_parts
+from curation.execute import build_op, init_ray, map_parts, prepare
 from curation.store import StageDir, atomic_write_json, read_json
 
 Progress = Callable[[str, int, int, str], None]  # (stage, parts done, parts total, phase)
@@ -57,11 +57,20 @@ def _run(stage: Stage, run_dir: Path, step: str, parts: list[str], progress: Pro
 
 
 def _input_parts(stage: Stage, run_dir: Path) -> tuple[list[str], str]:
-    """Part names and the input fingerprint of a stage."""
-    up = StageDir(run_dir, stage.after[0]).manifest()
-    if not up or up.get("status") != "complete":
-        raise StageFailed(f"stage '{stage.name}': upstream stage '{stage.after[0]}' is not complete")
-    return sorted(up["parts"]), up["output_fingerprint"]
+    """Part names (the primary input's) and the input fingerprint of a stage (all inputs')."""
+    prints = []
+    for dep in stage.after:
+        up = StageDir(run_dir, dep).manifest()
+        if not up or up.get("status") != "complete":
+            raise StageFailed(f"stage '{stage.name}': upstream stage '{dep}' is not complete")
+        prints.append(up["output_fingerprint"])
+        if dep == stage.after[0]:
+            parts = sorted(up["parts"])
+        elif missing := sorted(set(parts) - set(up["parts"])):
+            raise StageFailed(f"stage '{stage.name}': joined input '{dep}' has no part {missing[0]}; "
+                              f"inputs after the first must come from the same source as '{stage.after[0]}'")
+    fingerprint = prints[0] if len(prints) == 1 else hashlib.sha256("|".join(prints).encode()).hexdigest()[:16]
+    return parts, fingerprint
 
 
 def _with_part(table: pa.Table, part: str) -> pa.Table:
@@ -110,7 +119,11 @@ def run_stage(pipeline: Pipeline, name: str, run_dir: Path, progress: Progress, 
         timings["plan_s"] = time.time() - t0
 
     errors: list[str] = []
-    if op.has_analyze:
+    if op.has_prepare:
+        t = time.time()
+        errors += prepare(stage, run_dir)
+        timings["prepare_s"] = time.time() - t
+    if op.has_analyze and not errors:
         t = time.time()
         errors += _run(stage, run_dir, "analyze", [p for p in parts if not sd.done(p, "analyze")], progress, len(parts))
         timings["analyze_s"] = time.time() - t
@@ -159,6 +172,7 @@ def _write_manifest(stage, sd: StageDir, op, parts, state, timings, errors) -> d
         "parts_total": len(parts),
         "counts": counts,
         "output_fingerprint": digest.hexdigest()[:16] if complete else None,
+        "report": op.report() if complete else None,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "versions": versions(),
         "finished_at": _now(),

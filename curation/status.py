@@ -31,5 +31,12 @@ def run_status(run_dir: str | Path) -> dict:
             **{k: m["counts"][k] for k in ("in", "out", "rejected")},
             "rejected_by_reason": m["counts"]["rejected_by_reason"],
             "seconds": m["timings"].get("total_s"),
+            **({"report": m["report"]} if m.get("report") else {}),
         })
     return {"run_dir": str(run_dir.resolve()), "stages": stages}
+
+
+def coverage_rows(report: dict) -> list[dict]:
+    """(metric, before, after) rows of a balance report's concept coverage."""
+    before, after = report["coverage_before"], report["coverage_after"]
+    return [{"metric": k, "before": before[k], "after": after[k]} for k in before]

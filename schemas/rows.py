@@ -55,6 +55,14 @@ class FilteredImage(DedupedImage):
     lang: str | None = Field(description="caption language (ISO 639-1) or null when too short to tell")
 
 
+class BalancedImage(FilteredImage):
+    """An image selected by concept balancing (balance output)."""
+
+    vocab: str = Field(description="vocabulary version (hash) of concept_ids")
+    concept_ids: list[int] = Field(description="the image's matched concepts, as match_concepts ordered them")
+    sample_weight: float = Field(description="MetaCLIP keep probability, or the inverse-frequency weight it was drawn with")
+
+
 class Reject(Row):
     """A row a stage did not pass on, with a reason code."""
 
@@ -76,13 +84,14 @@ class Embedding(Row):
 
 
 class ConceptMatch(Row):
-    """The concepts matched to one image, best first."""
+    """The concepts matched to one image: feature matches best first, then caption-only substring matches."""
 
     uid: str
     vocab: str = Field(description="vocabulary version (hash)")
     concept_ids: list[int]
-    scores: Float32List
-    source: list[Literal["feature", "substring"]]
+    scores: Annotated[list[float | None], ArrowType(pa.list_(pa.float32()))] = Field(
+        description="cosine of image and concept embeddings; null for substring matches made without a model")
+    source: list[Literal["feature", "substring", "both"]] = Field(description="provenance of each match")
 
 
 class Caption(Row):
@@ -124,5 +133,5 @@ class PackedSequence(Row):
 
 TABLES: dict[str, type[Row]] = {
     m.__name__: m
-    for m in (WebPair, Image, DedupedImage, FilteredImage, Reject, Embedding, ConceptMatch, Caption, Instruction, PackedSequence)
+    for m in (WebPair, Image, DedupedImage, FilteredImage, BalancedImage, Reject, Embedding, ConceptMatch, Caption, Instruction, PackedSequence)
 }

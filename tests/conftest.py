@@ -59,3 +59,15 @@ def web(tmp_path_factory):
     make_web(out, n=120, port=free_port(), seed=0)
     with WebServer(out) as server:
         yield out, server
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory, web):
+    """--set overrides pointing the demo DAG at a tiny CLIP checkpoint, a small vocabulary and a shared concept cache."""
+    from curation.cli import demo_assets as make
+
+    out = tmp_path_factory.mktemp("assets")
+    model, vocab = make(out, web[0] / "urls.parquet")
+    cache = out / "cache"
+    return [f"embed.pretrained={model}", f"match_concepts.pretrained={model}", f"match_concepts.vocab={vocab}",
+            f"match_concepts.cache_dir={cache}", f"balance.vocab={vocab}"]

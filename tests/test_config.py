@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from curation.cli import app
 from curation.config import ConfigError, load_pipeline, parse_pipeline
+from tests.conftest import ROOT
 
 GOOD = {
     "name": "t",
@@ -90,3 +91,35 @@ def test_shipped_pipelines_validate():
 
     for path in (ROOT / "pipelines").glob("*.yaml"):
         load_pipeline(path)
+
+
+def _concepts(**changes):
+    raw = _with()
+    raw["stages"].update({
+        "embed": {"op": "embed", "after": ["filter"]},
+        "match": {"op": "match_concepts", "after": ["embed", "filter"], "params": {"vocab": "v.parquet", "mode": "hybrid"}},
+        "balance": {"op": "balance", "after": ["match", "filter"], "params": {"target_size": 10}},
+    })
+    raw["stages"].update(changes)
+    return raw
+
+
+def test_joined_inputs_must_provide_the_columns_an_op_reads():
+    p = parse_pipeline(_concepts(), "p.yaml")
+    assert p.order[-3:] == ["embed", "match", "balance"] and p.stages["match"].after == ["embed", "filter"]
+    with pytest.raises(ConfigError, match=r"stage 'match': after: op 'match_concepts' needs column\(s\) caption"):
+        parse_pipeline(_concepts(match={"op": "match_concepts", "after": ["embed"], "params": {"vocab": "v", "mode": "substring"}}), "p.yaml")
+    parse_pipeline(_concepts(match={"op": "match_concepts", "after": ["filter"], "params": {"vocab": "v", "mode": "substring"}}), "p.yaml")
+    with pytest.raises(ConfigError, match=r"stage 'balance': after: op 'balance' needs column\(s\) .*image"):
+        parse_pipeline(_concepts(balance={"op": "balance", "after": ["match"], "params": {"t": 5}}), "p.yaml")
+    with pytest.raises(ConfigError, match="takes 1 to 3 input stage"):
+        parse_pipeline(_concepts(balance={"op": "balance", "after": [], "params": {"t": 5}}), "p.yaml")
+    with pytest.raises(ConfigError, match="params.*exactly one of"):
+        parse_pipeline(_concepts(balance={"op": "balance", "after": ["match", "filter"], "params": {}}), "p.yaml")
+
+
+def test_shipped_pipelines_are_valid():
+    for path in ["pipelines/demo.yaml", "pipelines/metaclip.yaml"]:
+        p = load_pipeline(ROOT / path)
+        assert p.order[-3:] == ["embed", "match_concepts", "balance"]
+    assert load_pipeline(ROOT / "pipelines/metaclip.yaml").stages["embed"].params.model == "ViT-H-14-quickgelu"

@@ -18,8 +18,11 @@ BROKEN_REASON = {
 }
 
 
+ASSETS: list[str] = []  # the demo_assets overrides, set by the first_run fixture
+
+
 def _pipeline(web: Path, *extra: str):
-    return load_pipeline(ROOT / "pipelines/demo.yaml", [f"ingest.urls={web / 'urls.parquet'}", "ingest.shard_size=30", *extra])
+    return load_pipeline(ROOT / "pipelines/demo.yaml", [f"ingest.urls={web / 'urls.parquet'}", "ingest.shard_size=30", *ASSETS, *extra])
 
 
 def _rows(run: Path, stage: str, rejects: bool = False) -> pl.DataFrame:
@@ -32,8 +35,9 @@ def _phases(log):
 
 
 @pytest.fixture(scope="module")
-def first_run(ray_session, web, tmp_path_factory):
+def first_run(ray_session, web, demo_assets, tmp_path_factory):
     web_dir, server = web
+    ASSETS[:] = demo_assets
     run = tmp_path_factory.mktemp("run")
     manifests = run_pipeline(_pipeline(web_dir), run)
     return run, manifests, web_dir, server
@@ -41,7 +45,7 @@ def first_run(ray_session, web, tmp_path_factory):
 
 def test_accounting_holds_at_every_stage(first_run):
     run, manifests, web_dir, _ = first_run
-    assert list(manifests) == ["ingest", "dedup", "filter"]
+    assert list(manifests) == ["ingest", "dedup", "filter", "embed", "match_concepts", "balance"]
     upstream_out = 120
     for name, m in manifests.items():
         c = m["counts"]
@@ -109,7 +113,7 @@ def test_rerun_skips_finished_stages_and_status_reports(first_run):
     assert set(_phases(log).values()) == {"skipped"}
     assert again == manifests
     st = run_status(run)
-    assert [s["stage"] for s in st["stages"]] == ["ingest", "dedup", "filter"]
+    assert [s["stage"] for s in st["stages"]] == list(manifests)
     assert st["stages"][1]["rejected_by_reason"] == manifests["dedup"]["counts"]["rejected_by_reason"]
     from typer.testing import CliRunner
 

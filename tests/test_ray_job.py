@@ -13,7 +13,7 @@ import pytest
 from curation.config import load_pipeline
 from curation.runner import run_pipeline
 from tests.conftest import ROOT, free_port, kill_ray_started_with
-from tests.test_resume import _overrides, _snapshot
+from tests.test_resume import ASSETS, _overrides, _snapshot
 
 BIN = Path(sys.executable).parent
 
@@ -40,7 +40,8 @@ def cluster():
 
 
 @pytest.mark.slow
-def test_ray_job_submit_gives_the_same_rows(ray_session, cluster, tmp_path):
+def test_ray_job_submit_gives_the_same_rows(ray_session, cluster, demo_assets, tmp_path):
+    ASSETS[:] = demo_assets
     from curation.fixtures.serve import WebServer
     from curation.fixtures.web import make_web
 

@@ -16,7 +16,8 @@ from curation.config import load_pipeline
 from curation.runner import run_pipeline
 from tests.conftest import ROOT, free_port, kill_ray_started_with
 
-STAGES = ("ingest", "dedup", "filter")
+STAGES = ("ingest", "dedup", "filter", "embed", "match_concepts", "balance")
+ASSETS: list[str] = []  # tiny model and vocabulary overrides, set by the reference fixture
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def slow_web(tmp_path_factory):
 
 def _overrides(web: Path) -> list[str]:
     # retries=1: the flaky URL succeeds whichever run happens to ask first
-    return [f"ingest.urls={web / 'urls.parquet'}", "ingest.shard_size=10", "ingest.thread_count=4", "ingest.retries=1"]
+    return [f"ingest.urls={web / 'urls.parquet'}", "ingest.shard_size=10", "ingest.thread_count=4", "ingest.retries=1", *ASSETS]
 
 
 def _snapshot(run: Path) -> dict:
@@ -49,7 +50,8 @@ def _snapshot(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_session, slow_web, tmp_path_factory):
+def reference(ray_session, slow_web, demo_assets, tmp_path_factory):
+    ASSETS[:] = demo_assets
     run = tmp_path_factory.mktemp("ref")
     run_pipeline(load_pipeline(ROOT / "pipelines/demo.yaml", _overrides(slow_web)), run)
     return _snapshot(run)
@@ -78,7 +80,7 @@ def _kill_during(run: Path, web: Path, stage: str, step: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, step", [("ingest", "process"), ("dedup", "analyze"), ("dedup", "process"), ("filter", "process")])
+@pytest.mark.parametrize("stage, step", [("ingest", "process"), ("dedup", "analyze"), ("embed", "process"), ("balance", "process")])
 def test_kill_then_resume_gives_the_same_rows(reference, slow_web, tmp_path, stage, step):
     run = tmp_path / "run"
     _kill_during(run, slow_web, stage, step)

@@ -1,7 +1,10 @@
 """The op registry: every op a pipeline YAML can name."""
+from curation.ops.balance import Balance
 from curation.ops.base import Op
 from curation.ops.dedup import Dedup
+from curation.ops.embed import Embed
 from curation.ops.filter import Filter
 from curation.ops.ingest import Ingest
+from curation.ops.match_concepts import MatchConcepts
 
-OPS: dict[str, type[Op]] = {op.name: op for op in (Ingest, Dedup, Filter)}
+OPS: dict[str, type[Op]] = {op.name: op for op in (Ingest, Dedup, Filter, Embed, MatchConcepts, Balance)}

@@ -28,7 +28,8 @@ class Op(ABC):
     version: ClassVar[str] = "1"
     Params: ClassVar[type[Params]]
     output: ClassVar[type[Row]]
-    inputs: ClassVar[int] = 1
+    inputs: ClassVar[int] = 1  # input stages required; the first one is the primary (its rows are this stage's rows in)
+    max_inputs: ClassVar[int | None] = None  # more `after` stages allowed: their columns are joined to the primary by uid
     actor: ClassVar[bool] = False  # build once per Ray actor (models), instead of once per task
     retryable: ClassVar[frozenset[str]] = frozenset()  # reject reasons `curate run --retry-failed` retries
 
@@ -37,8 +38,22 @@ class Op(ABC):
         self.stage = stage
         self.work = work
 
+    @classmethod
+    def required_columns(cls, params: Params) -> set[str]:
+        """Columns the op reads from its (joined) input; checked against the upstream row models at config time."""
+        return set()
+
     def setup(self) -> None:
         """Load what the op needs (models, heavy modules) once per worker, before its first part."""
+
+    has_prepare: ClassVar[bool] = False
+
+    def prepare(self) -> None:
+        """Build shared state once per run (e.g. a concept index cache) before any part; runs as one Ray task."""
+
+    def report(self) -> dict | None:
+        """Stage-level figures for the manifest (e.g. coverage before and after balancing)."""
+        return None
 
     # sources
     def input_fingerprint(self) -> str:
@@ -54,6 +69,7 @@ class Op(ABC):
 
     # global step
     has_analyze: ClassVar[bool] = False
+    analyze_joined: ClassVar[bool] = True  # False: analyze reads the primary input only (no joined columns)
 
     def analyze(self, table: pa.Table) -> pa.Table:
         raise TypeError(f"op {self.name} has no global step")
