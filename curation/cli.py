@@ -23,6 +23,8 @@ app.add_typer(vocab_app, name="vocab")
 models_app = typer.Typer(help="Models the project makes itself.", no_args_is_help=True)
 app.add_typer(fixtures_app, name="fixtures")
 app.add_typer(models_app, name="models")
+export_app = typer.Typer(help="Export instruction data to other formats.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 console = Console(stderr=True)
 
 
@@ -144,6 +146,14 @@ def demo_assets(out: Path, urls: Path) -> tuple[Path, Path]:
     return model, vocab
 
 
+def synth_stages(pipeline: Path) -> list[str]:
+    """Stages of a pipeline file that write synthetic text (they take the demo's annotations)."""
+    import yaml
+
+    stages = yaml.safe_load(pipeline.read_text())["stages"]
+    return [name for name, st in stages.items() if st["op"] in ("recaption", "instruct")]
+
+
 DEMO_VOCAB = 12_000  # entries: the tiny model embeds ~1.5k entries/s on 2 cores; real runs use 500,000
 
 
@@ -163,6 +173,7 @@ def demo(
     model, vocab = demo_assets(out, web / "urls.parquet")
     overrides = [f"ingest.urls={web / 'urls.parquet'}", f"embed.pretrained={model}", f"match_concepts.pretrained={model}",
                  f"match_concepts.vocab={vocab}", f"match_concepts.cache_dir={out / 'cache'}", f"balance.vocab={vocab}"]
+    overrides += [f"{s}.annotations={web / 'truth.parquet'}" for s in synth_stages(pipeline)]
     with WebServer(web):
         run_dir = execute(pipeline, out / "run", None, overrides)
     _print_status(run_dir)
@@ -255,6 +266,51 @@ def models_tiny(out: Path = typer.Argument(..., help="checkpoint file to write (
 
     make_tiny_checkpoint(out, seed)
     print(json.dumps({"model": TINY_MODEL, "pretrained": str(out)}))
+
+
+@export_app.command("llava-json")
+def export_llava(
+    paths: list[Path] = typer.Argument(..., help="a run dir (all instruct stages), stage dirs or Parquet shards"),
+    out: Path = typer.Option(..., help="the JSON file to write"),
+    images: Optional[Path] = typer.Option(None, help="where images go (default: images/ next to the JSON)"),
+):
+    """Write instruction shards in LLaVA's JSON format ([{id, image, conversations}]) plus the image files."""
+    from curation.synth.export import export_llava_json
+
+    try:
+        print(json.dumps(export_llava_json(paths, out, images), indent=2))
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def regenerate(
+    prompts: Path = typer.Option(..., help="the (changed) prompt folder"),
+    input: list[Path] = typer.Option(..., "--input", help="image shards (Parquet with uid, url, caption, image)"),
+    out: Path = typer.Option(..., help="output dir: parts, rejects, manifest"),
+    backend: str = typer.Option("openai", help="openai or rules"),
+    kind: Optional[str] = typer.Option(None, help="instruction kind, or 'recaption'; default: the prompt's task"),
+    set_: list[str] = typer.Option([], "--set", help="more params: PARAM=VALUE (model, base_url, annotations, cache...)"),
+):
+    """Rebuild an instruction set from a prompt folder; cached requests are not paid for again."""
+    import yaml
+
+    from curation.ops.instruct import Instruct
+    from curation.ops.recaption import Recaption
+    from curation.synth.export import regenerate as run_regenerate
+    from curation.synth.prompts import PromptError, load_prompt
+
+    try:
+        task = kind or load_prompt(prompts).task
+        params = {"prompts": str(prompts), "backend": backend, **{k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in set_)}}
+        op_cls = Recaption if task == "recaption" else Instruct
+        if op_cls is Instruct:
+            params["kind"] = task
+        op = op_cls(op_cls.Params(**params), "regenerate", out / "_work")
+        report = run_regenerate(op, input, out)
+    except (OSError, ValueError, PromptError) as e:
+        _fail(str(e))
+    print(json.dumps({k: report[k] for k in ("prompt_version", "counts", "usage")}, indent=2))
 
 
 @fixtures_app.command("web")

@@ -94,14 +94,22 @@ class ConceptMatch(Row):
     source: list[Literal["feature", "substring", "both"]] = Field(description="provenance of each match")
 
 
+class BoxObject(Row):
+    """An annotated object: category, optional colour, box [x1, y1, x2, y2] normalised to 0-1."""
+
+    category: str
+    color: str | None = None
+    box: Annotated[list[float], ArrowType(pa.list_(pa.float32()))]
+
+
 class Caption(Row):
-    """A synthetic caption (recaption) of one image."""
+    """A synthetic caption (recaption) of one image, joined to the image rows by uid."""
 
     uid: str
-    caption: str
+    recaption: str
     lang: str
-    model: str
-    prompt_version: str
+    model: str = Field(description="the model (or 'rules') that wrote it")
+    prompt_version: str = Field(description="hash of the prompt folder's files")
 
 
 class Turn(Row):
@@ -112,14 +120,15 @@ class Turn(Row):
 
 
 class Instruction(Row):
-    """A generated instruction sample (conversation, detail description or complex reasoning)."""
+    """A generated instruction sample (conversation, detail description, complex reasoning, short answer...)."""
 
-    id: str
+    id: str = Field(description="uid and kind: unique per sample")
     uid: str = Field(description="uid of the source image")
     kind: str
-    conversations: list[Turn]
+    conversations: list[Turn] = Field(description="human/gpt turns; <image> once, in the first human turn")
     model: str
     prompt_version: str
+    image: bytes = Field(description="the encoded image, so a shard trains on its own")
 
 
 class PackedSequence(Row):
@@ -133,5 +142,5 @@ class PackedSequence(Row):
 
 TABLES: dict[str, type[Row]] = {
     m.__name__: m
-    for m in (WebPair, Image, DedupedImage, FilteredImage, BalancedImage, Reject, Embedding, ConceptMatch, Caption, Instruction, PackedSequence)
+    for m in (WebPair, Image, DedupedImage, FilteredImage, BalancedImage, Reject, Embedding, ConceptMatch, BoxObject, Caption, Instruction, PackedSequence)
 }

@@ -71,3 +71,11 @@ def demo_assets(tmp_path_factory, web):
     cache = out / "cache"
     return [f"embed.pretrained={model}", f"match_concepts.pretrained={model}", f"match_concepts.vocab={vocab}",
             f"match_concepts.cache_dir={cache}", f"balance.vocab={vocab}"]
+
+
+def web_overrides(web: Path) -> list[str]:
+    """--set overrides pointing the demo DAG at a fixture web: its URL list and its boxes for the synthesis stages."""
+    from curation.cli import synth_stages
+
+    return [f"ingest.urls={web / 'urls.parquet'}"] + [
+        f"{s}.annotations={web / 'truth.parquet'}" for s in synth_stages(ROOT / "pipelines/demo.yaml")]

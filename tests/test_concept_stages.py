@@ -13,7 +13,7 @@ from curation.config import load_pipeline, parse_pipeline
 from curation.runner import run_pipeline
 from curation.substring import SubstringMatcher
 from curation.vocab import read_vocab
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, web_overrides, free_port
 from tests.test_pipeline import _rows
 
 
@@ -30,7 +30,7 @@ def run(ray_session, demo_assets, tmp_path_factory):
     web = tmp_path_factory.mktemp("cweb")
     make_web(web, n=120, port=free_port(), seed=3)
     run = tmp_path_factory.mktemp("concepts")
-    overrides = [f"ingest.urls={web / 'urls.parquet'}", "ingest.shard_size=30", *demo_assets]
+    overrides = [*web_overrides(web), "ingest.shard_size=30", *demo_assets]
     with WebServer(web):
         return run, run_pipeline(load_pipeline(ROOT / "pipelines/demo.yaml", overrides), run)
 

@@ -121,5 +121,8 @@ def test_joined_inputs_must_provide_the_columns_an_op_reads():
 def test_shipped_pipelines_are_valid():
     for path in ["pipelines/demo.yaml", "pipelines/metaclip.yaml"]:
         p = load_pipeline(ROOT / path)
-        assert p.order[-3:] == ["embed", "match_concepts", "balance"]
+        order = p.order
+        assert order.index("embed") < order.index("match_concepts") < order.index("balance") < order.index("recaption")
+        assert {p.stages[s].params.kind for s in order if p.stages[s].op.name == "instruct"} >= {
+            "conversation", "detail_description", "complex_reasoning"}
     assert load_pipeline(ROOT / "pipelines/metaclip.yaml").stages["embed"].params.model == "ViT-H-14-quickgelu"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -10,7 +11,7 @@ import pytest
 from curation.config import load_pipeline
 from curation.runner import run_pipeline
 from curation.status import run_status
-from tests.conftest import ROOT
+from tests.conftest import ROOT, web_overrides
 
 BROKEN_REASON = {
     "404": "http_404", "truncated": "truncated_image", "html": "not_an_image", "empty": "empty_body",
@@ -22,7 +23,7 @@ ASSETS: list[str] = []  # the demo_assets overrides, set by the first_run fixtur
 
 
 def _pipeline(web: Path, *extra: str):
-    return load_pipeline(ROOT / "pipelines/demo.yaml", [f"ingest.urls={web / 'urls.parquet'}", "ingest.shard_size=30", *ASSETS, *extra])
+    return load_pipeline(ROOT / "pipelines/demo.yaml", [*web_overrides(web), "ingest.shard_size=30", *ASSETS, *extra])
 
 
 def _rows(run: Path, stage: str, rejects: bool = False) -> pl.DataFrame:
@@ -45,10 +46,11 @@ def first_run(ray_session, web, demo_assets, tmp_path_factory):
 
 def test_accounting_holds_at_every_stage(first_run):
     run, manifests, web_dir, _ = first_run
-    assert list(manifests) == ["ingest", "dedup", "filter", "embed", "match_concepts", "balance"]
-    upstream_out = 120
+    assert list(manifests)[:6] == ["ingest", "dedup", "filter", "embed", "match_concepts", "balance"]
+    assert set(list(manifests)[6:]) == {"recaption", "conversation", "detail", "reasoning", "short_answer"}
     for name, m in manifests.items():
         c = m["counts"]
+        upstream_out = manifests[m["after"][0]]["counts"]["out"] if m["after"] else 120  # rows in = the primary input's out
         assert m["status"] == "complete" and (run / name / "_manifest.json").exists()
         assert c["in"] == upstream_out == c["out"] + c["rejected"]
         out, rej = _rows(run, name), _rows(run, name, rejects=True)
@@ -57,7 +59,6 @@ def test_accounting_holds_at_every_stage(first_run):
         for part, marker in m["parts"].items():
             assert marker["rows_in"] == marker["rows_out"] + sum(marker["rejected"].values())
         assert {"config_hash", "input_fingerprint", "timings", "versions"} <= set(m)
-        upstream_out = c["out"]
 
 
 def test_every_broken_item_has_its_specific_reason(first_run):
@@ -178,3 +179,23 @@ def test_missing_url_list_is_a_clear_error(ray_session, tmp_path):
     (tmp_path / "u.csv").write_text("url,caption\nhttp://127.0.0.1:1/a.jpg,a\n")
     with pytest.raises(StageFailed, match="no column 'link'"):
         run_pipeline(parse_pipeline(raw, "x.yaml"), tmp_path / "run2")
+
+
+def test_llm_stage_in_the_dag_reports_usage_and_reruns_from_cache(first_run, tmp_path):
+    from curation.fixtures.llm_server import LLMServer
+
+    run, _, web_dir, _ = first_run
+    with LLMServer(faults={"429": 0.2, "500": 0.1}, max_failures=1) as server:
+        llm = ["conversation.backend=openai", f"conversation.base_url={server.url}", "conversation.model=fake-llm",
+               f"conversation.cache={tmp_path / 'llm.sqlite'}", "conversation.api_key_env=UNSET_TEST_KEY"]
+        log = []
+        m = run_pipeline(_pipeline(web_dir, *llm), run, progress=lambda *a: log.append(a))["conversation"]
+        assert _phases(log)["conversation"] == "process" and _phases(log)["detail"] == "skipped"
+        usage = m["report"]["usage"]
+        assert m["report"]["model"] == "fake-llm" and usage["successes"] == m["counts"]["in"] and usage["retries"] > 0
+        assert usage["prompt_tokens"] > 0 and m["counts"]["in"] == m["counts"]["out"] + m["counts"]["rejected"]
+        calls = server.calls
+        shutil.rmtree(run / "conversation")  # the stage's outputs are lost (say, a killed run on a wiped node)
+        m2 = run_pipeline(_pipeline(web_dir, *llm), run)["conversation"]
+        assert server.calls == calls and m2["report"]["usage"]["cached"] == m["counts"]["in"]  # no request paid twice
+        assert m2["counts"] == m["counts"]

@@ -14,7 +14,7 @@ import pytest
 
 from curation.config import load_pipeline
 from curation.runner import run_pipeline
-from tests.conftest import ROOT, free_port, kill_ray_started_with
+from tests.conftest import ROOT, web_overrides, free_port, kill_ray_started_with
 
 STAGES = ("ingest", "dedup", "filter", "embed", "match_concepts", "balance")
 ASSETS: list[str] = []  # tiny model and vocabulary overrides, set by the reference fixture
@@ -34,7 +34,7 @@ def slow_web(tmp_path_factory):
 
 def _overrides(web: Path) -> list[str]:
     # retries=1: the flaky URL succeeds whichever run happens to ask first
-    return [f"ingest.urls={web / 'urls.parquet'}", "ingest.shard_size=10", "ingest.thread_count=4", "ingest.retries=1", *ASSETS]
+    return [*web_overrides(web), "ingest.shard_size=10", "ingest.thread_count=4", "ingest.retries=1", *ASSETS]
 
 
 def _snapshot(run: Path) -> dict:

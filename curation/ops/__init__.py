@@ -5,6 +5,8 @@ from curation.ops.dedup import Dedup
 from curation.ops.embed import Embed
 from curation.ops.filter import Filter
 from curation.ops.ingest import Ingest
+from curation.ops.instruct import Instruct
 from curation.ops.match_concepts import MatchConcepts
+from curation.ops.recaption import Recaption
 
-OPS: dict[str, type[Op]] = {op.name: op for op in (Ingest, Dedup, Filter, Embed, MatchConcepts, Balance)}
+OPS: dict[str, type[Op]] = {op.name: op for op in (Ingest, Dedup, Filter, Embed, MatchConcepts, Balance, Recaption, Instruct)}

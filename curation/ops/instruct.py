@@ -1,0 +1,58 @@
+"""instruct: LLaVA instruction samples of one kind per image, from captions (alt-text, recaption) and boxes."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from curation.ops.synth import SynthOp
+from curation.synth.generate import LLMParams, Outcome, context
+from curation.synth.rules import generate
+from schemas import Instruction
+
+LLM_KINDS = ("conversation", "detail_description", "complex_reasoning")
+
+
+class InstructParams(LLMParams):
+    kind: Literal["conversation", "detail_description", "complex_reasoning", "short_answer", "multiple_choice"] = Field(
+        description="LLaVA's three GPT kinds, or the short-answer / multiple-choice formats (rules backend)")
+
+    @model_validator(mode="after")
+    def _format_kinds_are_rules(self):
+        if self.backend == "openai" and self.kind not in LLM_KINDS:
+            raise ValueError(f"kind {self.kind} comes from the rules backend; an LLM writes {', '.join(LLM_KINDS)}")
+        return self
+
+
+class Instruct(SynthOp):
+    """Instruction rows (id = uid-kind) carrying their image, so a shard trains on its own."""
+
+    name = "instruct"
+    version = "1"
+    Params = InstructParams
+    output = Instruction
+
+    @property
+    def task(self) -> str:
+        return self.params.kind
+
+    @staticmethod
+    def captions(row: dict) -> list[str]:
+        return [c for c in (row["caption"], row.get("recaption")) if c]
+
+    def rules(self, rows: list[dict]) -> list[Outcome]:
+        suffix = self.prompt.meta.query_suffix
+        kw = {"short_suffix": suffix} if self.params.kind == "short_answer" else {"choice_suffix": suffix} if suffix else {}
+        out = []
+        for r in rows:
+            turns = generate(r["uid"], self.params.kind, self.ann.objects.get(r["url"], []), self.captions(r), self.ann.vocab, **kw)
+            out.append(Outcome(turns) if turns else Outcome(None, "no_objects", "the rules backend needs the image's boxes in annotations"))
+        return out
+
+    def ask(self, rows: list[dict]) -> list[Outcome]:
+        msgs = [self.prompt.messages(context(self.captions(r), self.ann.boxes(r["url"]))) for r in rows]
+        return self.client.outcomes(self.prompt, [r["uid"] for r in rows], msgs, self.params.kind)
+
+    def row(self, src: dict, turns: list[dict]) -> dict:
+        return {"id": f"{src['uid']}-{self.params.kind}", "uid": src["uid"], "kind": self.params.kind,
+                "conversations": turns, "model": self.model_name, "prompt_version": self.prompt.version, "image": src["image"]}

@@ -1,0 +1,1 @@
+"""Synthesis: versioned prompt folders, context rendering, output parsing and validity checks."""

