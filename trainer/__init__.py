@@ -1,0 +1,1 @@
+"""The compact LLaVA trainer: offline packing, model, data loader, training loop and export."""

@@ -1,0 +1,69 @@
+"""Export a LlavaLite as a checkpoint that transformers' LlavaForConditionalGeneration loads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from trainer.model import LlavaLite
+
+# LlavaLite module prefix -> LlavaForConditionalGeneration prefix (transformers 5.x layout)
+KEY_MAP = {
+    "vision.": "model.vision_tower.",
+    "projector.": "model.multi_modal_projector.",
+    "lm.model.": "model.language_model.",
+    "lm.lm_head.": "lm_head.",
+}
+
+
+def llava_config(model: LlavaLite) -> LlavaConfig:
+    """LlavaConfig from the parts: penultimate layer, CLS dropped, GELU projector, `<image>` id, patch count."""
+    if model.image_token_id is None:
+        raise ValueError("LlavaLite.image_token_id is unset: build the model with from_parts or pass image_token_id")
+    return LlavaConfig(
+        vision_config=model.vision.config.to_dict(),
+        text_config=model.lm.config.to_dict(),
+        image_token_index=model.image_token_id,
+        image_seq_length=model.image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(model.lm.config, "tie_word_embeddings", False)),
+    )
+
+
+def llava_state_dict(model: LlavaLite) -> dict[str, torch.Tensor]:
+    """Our state dict renamed to LlavaForConditionalGeneration keys."""
+    out = {}
+    for key, value in model.state_dict().items():
+        prefix = next((p for p in KEY_MAP if key.startswith(p)), None)
+        if prefix is None:
+            raise KeyError(f"no LLaVA name for parameter {key!r}: extend KEY_MAP in trainer/export_hf.py")
+        out[KEY_MAP[prefix] + key[len(prefix):]] = value
+    return out
+
+
+def export_hf(model: LlavaLite, tokenizer, image_processor, out_dir: str | Path) -> Path:
+    """Write config, safetensors weights, tokenizer and LlavaProcessor to `out_dir`; return it."""
+    out_dir = Path(out_dir)
+    config = llava_config(model)
+    hf = LlavaForConditionalGeneration(config)
+    state = llava_state_dict(model)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise KeyError(f"export to LLaVA: missing keys {missing}, unexpected keys {unexpected}")
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+    hf.save_pretrained(str(out_dir))
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=model.vision.config.patch_size,
+        vision_feature_select_strategy="default", chat_template=tokenizer.chat_template, image_token="<image>",
+        num_additional_image_tokens=1,  # CLIP's CLS, removed again by the "default" strategy
+    )
+    processor.save_pretrained(str(out_dir))
+    return out_dir

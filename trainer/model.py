@@ -1,0 +1,174 @@
+"""LlavaLite: a frozen HF vision tower, a 2-layer GELU projector and an HF causal LM, with packed-batch attention."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, PreTrainedModel
+
+IGNORE_INDEX = -100
+
+
+class Projector(nn.Module):
+    """Two linear layers with a GELU between, named like transformers' LlavaMultiModalProjector."""
+
+    def __init__(self, vision_hidden: int, lm_hidden: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_hidden, lm_hidden)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(lm_hidden, lm_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map vision features [N, P, Dv] to LM embeddings [N, P, D]."""
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+def segment_ids(seq_lens: Sequence[Sequence[int]], T: int, device: torch.device | None = None) -> torch.Tensor:
+    """Sample index of every token, per row; padding after the last sample gets its own index -1-row."""
+    rows = []
+    for r, lens in enumerate(seq_lens):
+        if sum(lens) > T:
+            raise ValueError(f"row {r}: sample lengths {list(lens)} sum to {sum(lens)} > sequence length {T}")
+        ids = [i for i, n in enumerate(lens) for _ in range(n)]
+        rows.append(ids + [-1 - r] * (T - len(ids)))  # padding is one more block, attended by nothing else
+    return torch.tensor(rows, dtype=torch.long, device=device)  # [B, T]
+
+
+def seq_lens_from_cu(cu_seqlens: torch.Tensor | Sequence[int], row_len: int, n_rows: int) -> list[list[int]]:
+    """Split flat cumulative sample boundaries (over `n_rows` rows of `row_len` tokens) into per-row sample lengths."""
+    cu = [int(c) for c in cu_seqlens]
+    if cu[-1] > n_rows * row_len:
+        raise ValueError(f"cu_seqlens ends at {cu[-1]} > {n_rows} rows x {row_len} tokens")
+    out: list[list[int]] = [[] for _ in range(n_rows)]
+    for a, b in zip(cu[:-1], cu[1:]):
+        row = a // row_len
+        if (b - 1) // row_len != row:
+            raise ValueError(f"cu_seqlens: sample [{a}, {b}) crosses a row boundary (row length {row_len})")
+        out[row].append(b - a)
+    return out
+
+
+def packed_attention_mask(seg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive block-diagonal causal mask [B, 1, T, T]: 0 where a token may attend, dtype-min elsewhere."""
+    T = seg.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()  # [T, T]
+    same = seg[:, :, None] == seg[:, None, :]  # [B, T, T]
+    allowed = (same & causal)[:, None]  # [B, 1, T, T]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)  # [B, 1, T, T]
+
+
+def shifted_targets(labels: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """Next-token targets [B, T]: labels shifted left, IGNORE where the next token starts another sample."""
+    nxt = torch.full_like(labels, IGNORE_INDEX)  # [B, T]
+    nxt[:, :-1] = labels[:, 1:]
+    nxt[:, :-1][seg[:, 1:] != seg[:, :-1]] = IGNORE_INDEX  # never predict across a sample boundary
+    return nxt
+
+
+class LlavaLite(nn.Module):
+    """A readable LLaVA: penultimate-layer patch features (no CLS) -> projector -> spliced into the LM's inputs."""
+
+    def __init__(self, vision: CLIPVisionModel, lm: PreTrainedModel, projector: Projector | None = None,
+                 image_token_id: int | None = None):
+        super().__init__()
+        self.vision, self.lm = vision, lm
+        self.projector = projector or Projector(vision.config.hidden_size, lm.config.hidden_size)
+        self.image_token_id = image_token_id
+        self.vision.requires_grad_(False).eval()
+
+    @classmethod
+    def from_parts(cls, vision_dir: str | Path, lm_dir: str | Path, seed: int = 0,
+                   attn_implementation: str = "sdpa") -> "LlavaLite":
+        """Load vision tower, LM and the `<image>` id with from_pretrained; a fresh projector from `seed`."""
+        vision = CLIPVisionModel.from_pretrained(str(vision_dir))
+        lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
+        torch.manual_seed(seed)
+        projector = Projector(vision.config.hidden_size, lm.config.hidden_size)
+        return cls(vision, lm, projector, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+
+    @property
+    def image_tokens(self) -> int:
+        """Number of `<image>` copies per image: patch tokens of the vision tower (CLS dropped)."""
+        return (self.vision.config.image_size // self.vision.config.patch_size) ** 2
+
+    def train(self, mode: bool = True) -> "LlavaLite":
+        """Switch train/eval mode; the frozen vision tower always stays in eval."""
+        super().train(mode)
+        self.vision.eval()
+        return self
+
+    def trainable(self, stage: int) -> list[nn.Parameter]:
+        """Set requires_grad for a stage (1: projector only; 2: projector + LM) and return the trainable params."""
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 (projector) or 2 (projector + LM), got {stage}")
+        self.vision.requires_grad_(False)
+        self.projector.requires_grad_(True)
+        self.lm.requires_grad_(stage == 2)
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected penultimate-layer patch features [n_images, P, D], CLS dropped."""
+        with torch.no_grad():
+            out = self.vision(pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[-2][:, 1:]  # [n_images, P, Dv], drop CLS
+        return self.projector(feats)  # [n_images, P, D]
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with `<image>` positions replaced by image features, in reading order."""
+        embeds = self.lm.get_input_embeddings()(input_ids)  # [B, T, D]
+        is_image = input_ids == self.image_token_id  # [B, T]
+        n_slots = int(is_image.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if n_slots:
+                raise ValueError(f"input_ids hold {n_slots} <image> tokens but no pixel_values were given")
+            return embeds
+        feats = self.image_features(pixel_values).to(embeds.dtype)  # [n_images, P, D]
+        if n_slots != feats.shape[0] * feats.shape[1]:
+            raise ValueError(f"input_ids hold {n_slots} <image> tokens but {feats.shape[0]} images x "
+                             f"{feats.shape[1]} patches = {feats.shape[0] * feats.shape[1]} features; expand each "
+                             f"<image> to {self.image_tokens} copies")
+        return embeds.masked_scatter(is_image[..., None], feats.reshape(-1, feats.shape[-1]))  # [B, T, D]
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, seq_lens: Sequence[Sequence[int]] | None = None,
+                cu_seqlens: torch.Tensor | Sequence[int] | None = None, labels: torch.Tensor | None = None,
+                reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, T, V] and loss: mean CE over label tokens, or `reduction="sum"`: tensor [sum, count]."""
+        B, T = input_ids.shape
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if seq_lens is None:
+            seq_lens = seq_lens_from_cu(cu_seqlens, T, B) if cu_seqlens is not None else [[T]] * B
+        seg = segment_ids(seq_lens, T, input_ids.device)  # [B, T]
+        if position_ids is None:
+            position_ids = positions_from_lens(seq_lens, T).to(input_ids.device)  # [B, T]
+        embeds = self.embed(input_ids, pixel_values)  # [B, T, D]
+        if self.lm.config._attn_implementation.startswith("flash"):
+            mask = None  # varlen kernels find the sample boundaries from position ids restarting at 0
+        else:
+            mask = packed_attention_mask(seg, embeds.dtype)  # [B, 1, T, T]
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        logits = out.logits  # [B, T, V]
+        if labels is None:
+            return logits, None
+        targets = shifted_targets(labels, seg)  # [B, T]
+        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (targets != IGNORE_INDEX).sum()
+        if reduction == "sum":
+            return logits, torch.stack([total, count.to(total.dtype)])
+        return logits, total / count.clamp(min=1)
+
+
+def positions_from_lens(seq_lens: Sequence[Sequence[int]], T: int) -> torch.Tensor:
+    """Position ids [B, T] restarting at 0 for each sample (padding continues counting from 0 too)."""
+    rows = []
+    for lens in seq_lens:
+        pos = [i for n in lens for i in range(n)]
+        rows.append(pos + list(range(T - len(pos))))
+    return torch.tensor(rows, dtype=torch.long)  # [B, T]
