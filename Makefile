@@ -46,6 +46,8 @@ bench: $(STAMP)  ## the benchmarks in bench/ (see bench/RESULTS.md)
 	$(PY) bench/bench_match.py
 	$(PY) bench/bench_embed.py
 	$(PY) bench/bench_openai.py
+	$(PY) bench/bench_pack.py
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf demo runs .pytest_cache

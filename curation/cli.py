@@ -284,6 +284,35 @@ def export_llava(
 
 
 @app.command()
+def train(
+    config: Path = typer.Argument(..., help="training YAML (trainer/config.py: TrainConfig)"),
+    set_: list[str] = typer.Option([], "--set", help="override a field: KEY=VALUE (YAML value)"),
+):
+    """Train the compact LLaVA on instruction shards (stage 1 projector, stage 2 projector + LLM); reruns resume."""
+    from trainer.config import ConfigError, load_config
+    from trainer.train import train as run_train
+
+    try:
+        cfg = load_config(config, set_)
+    except ConfigError as e:
+        _fail(str(e))
+    summary = run_train(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "init_loaded"}, indent=2, default=str))
+
+
+@export_app.command("hf")
+def export_hf(out: Path = typer.Argument(..., help="a finished `curate train` out dir"),
+              to: Path = typer.Option(..., help="folder for the LlavaForConditionalGeneration checkpoint")):
+    """Write a transformers LlavaForConditionalGeneration checkpoint from a training run."""
+    from trainer.train import export_trained
+
+    try:
+        print(json.dumps({"hf_checkpoint": str(export_trained(out, to))}))
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+
+
+@app.command()
 def regenerate(
     prompts: Path = typer.Option(..., help="the (changed) prompt folder"),
     input: list[Path] = typer.Option(..., "--input", help="image shards (Parquet with uid, url, caption, image)"),

@@ -1,0 +1,185 @@
+"""The training loop on tiny models: exact resume, stage parameters, packed vs padded, learning sanity, logs."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from schemas import Instruction, arrow_schema
+from trainer.config import ConfigError, load_config
+from trainer.model import LlavaLite
+from trainer.packed import PackedReader
+from trainer.tiny import make_tiny_all
+from trainer.train import load_trained, train
+
+ROOT = Path(__file__).resolve().parent.parent
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 50, 220), "yellow": (240, 220, 20)}
+QUESTIONS = ["What color is the square?", "What colour is the square in this picture?",
+             "Look at the image. What color is the square on the white background? Answer the question using a "
+             "single word or phrase."]
+
+
+def square_png(rgb, size: int = 32, seed: int = 0) -> bytes:
+    """A coloured square on white, its corner moved by `seed`."""
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    off = seed % 8
+    img.paste(Image.new("RGB", (16, 16), rgb), (4 + off, 4 + (seed // 8) % 8))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_shard(path: Path, n: int, kind: str) -> Path:
+    """`n` Instruction rows: `chat` colour questions (stage 2) or `caption` rows (stage 1)."""
+    rows = []
+    names = list(COLOURS)
+    for i in range(n):
+        c = names[i % len(names)]
+        if kind == "chat":
+            conv = [{"from": "human", "value": "<image>\n" + QUESTIONS[i % len(QUESTIONS)]},
+                    {"from": "gpt", "value": c.capitalize() + "."}]
+        else:
+            conv = [{"from": "human", "value": "<image>\n"},
+                    {"from": "gpt", "value": f"A {c} square on a plain background." + " A picture." * (i % 3)}]
+        rows.append(Instruction(id=f"{kind}-{i:04d}", uid=f"u{i}", kind=kind, conversations=conv, model="test",
+                                prompt_version="v0", image=square_png(COLOURS[c], seed=i)).model_dump(by_alias=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Instruction)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    dirs = make_tiny_all(root / "models")
+    return {"root": root, "vision": str(dirs["vision"]), "lm": str(dirs["lm"]),
+            "chat": str(write_shard(root / "data" / "chat" / "part-00000.parquet", 48, "chat")),
+            "caption": str(write_shard(root / "data" / "caption" / "part-00000.parquet", 24, "caption"))}
+
+
+def cfg(env, out, **kw):
+    base = {"stage": 2, "shards": [env["chat"]], "vision": env["vision"], "lm": env["lm"], "out": str(out),
+            "max_len": 128, "rows_per_step": 2, "log_every": 1, "checkpoint_every": 2, "seed": 3, "lr": 1e-3}
+    return load_config(None, {**base, **kw})
+
+
+def log(out) -> list[dict]:
+    return [json.loads(ln) for ln in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_config_defaults_and_errors(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("stage: 1\nshards: [a]\nout: o\n")
+    c = load_config(p)
+    assert (c.template, c.lr, c.max_len, c.packing) == ("plain", 1e-3, 4096, True)
+    c2 = load_config(p, ["stage=2", "max_len=512"])
+    assert (c2.template, c2.lr, c2.max_len) == ("chat", 2e-5, 512)
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(p, ["bogus=1"])
+
+
+def test_stop_and_resume_is_exact(env, tmp_path):
+    full = train(cfg(env, tmp_path / "full", max_steps=6))
+    part = train(cfg(env, tmp_path / "resumed", max_steps=6), stop_after=3)  # killed after step 3 (ckpt at 2)
+    assert not part["finished"] and (tmp_path / "resumed" / "checkpoints" / "step-2").is_dir()
+    rest = train(cfg(env, tmp_path / "resumed", max_steps=6))
+    assert rest["resumed_from"] == 2 and full["finished"] and rest["finished"]
+    a, b = log(tmp_path / "full"), log(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # step 3's line from the killed run was redone once
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+    fa = load_file(str(tmp_path / "full" / "final" / "trainable.safetensors"))
+    fb = load_file(str(tmp_path / "resumed" / "final" / "trainable.safetensors"))
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
+    # the final folder rebuilds through from_parts
+    model = load_trained(tmp_path / "full")
+    assert torch.equal(model.projector.linear_1.weight, fa["projector.linear_1.weight"])
+
+
+def _params(model: LlavaLite) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_stage_parameters(env, tmp_path):
+    base = _params(LlavaLite.from_parts(env["vision"], env["lm"], seed=3))
+    s1 = train(cfg(env, tmp_path / "s1", stage=1, shards=[env["caption"]], max_steps=2, lr=1e-2))
+    assert s1["packing"]["template"] == "plain"
+    m1 = _params(load_trained(tmp_path / "s1"))
+    changed = {n.split(".")[0] for n in base if not torch.equal(base[n], m1[n])}
+    assert changed == {"projector"}
+    s2 = train(cfg(env, tmp_path / "s2", stage=2, max_steps=2, init_from=str(tmp_path / "s1")))
+    assert s2["init_loaded"] and all(k.startswith("projector.") for k in s2["init_loaded"])
+    m2 = _params(load_trained(tmp_path / "s2"))
+    changed2 = {n.split(".")[0] for n in base if not torch.equal(m1[n], m2[n])}
+    assert changed2 == {"projector", "lm"}
+    assert all(torch.equal(base[n], m2[n]) for n in base if n.startswith("vision."))
+
+
+def test_packed_vs_padded_same_loss_less_waste(env, tmp_path):
+    # one step covers every sample in both modes: the step-0 loss is the same mean token loss
+    packed = train(cfg(env, tmp_path / "packed", max_steps=1, rows_per_step=48, packing=True))
+    padded = train(cfg(env, tmp_path / "padded", max_steps=1, rows_per_step=48, packing=False))
+    rp, rq = packed["packing"], padded["packing"]
+    assert rp["samples"] == rq["samples"] == 48 and rp["rows"] < rq["rows"] == 48
+    assert len(PackedReader(tmp_path / "packed" / "packed")) == rp["rows"]
+    a, b = log(tmp_path / "packed")[0], log(tmp_path / "padded")[0]
+    assert a["label_tokens"] == b["label_tokens"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    assert a["padding_waste"] < b["padding_waste"]
+
+
+def test_log_fields_and_rejects(env, tmp_path):
+    bad = write_shard(tmp_path / "bad" / "part-00000.parquet", 4, "chat")
+    t = pq.read_table(bad).to_pylist()
+    t[0]["conversations"][1]["value"] = " "  # empty reply: no_labels
+    t[1]["conversations"][0]["value"] = "<image>\n" + "word " * 200  # too_long at max_len 128
+    pq.write_table(pa.Table.from_pylist(t, schema=arrow_schema(Instruction)), bad)
+    s = train(cfg(env, tmp_path / "o", shards=[str(bad)], max_steps=2))
+    assert s["packing"]["rejects"] == {"no_labels": 1, "too_long": 1} and s["packing"]["samples"] == 2
+    for rec in log(tmp_path / "o"):
+        for k in ("step", "loss", "lr", "tokens_per_s", "useful_tokens_per_s", "padding_waste", "useful_ratio",
+                  "samples_per_s"):
+            assert rec[k] is not None, k
+
+
+@pytest.mark.slow
+def test_loss_goes_down_and_job_entrypoint(env, tmp_path):
+    yaml_path = tmp_path / "train.yaml"
+    yaml_path.write_text(json.dumps({"stage": 2, "shards": [str(Path(env["chat"]).parent)], "vision": env["vision"],
+                                     "lm": env["lm"], "out": str(tmp_path / "o"), "max_len": 128,
+                                     "rows_per_step": 2, "log_every": 1, "checkpoint_every": 10,
+                                     "lr": 3e-3, "warmup_steps": 3, "seed": 0}))
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), str(yaml_path), "--set", "max_steps=30"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = [rec["loss"] for rec in log(tmp_path / "o")]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+
+
+def test_curate_train_then_export_hf(env, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    from typer.testing import CliRunner
+
+    from curation.cli import app
+
+    yaml_path = tmp_path / "train.yaml"
+    yaml_path.write_text(json.dumps({"stage": 2, "shards": [str(Path(env["chat"]).parent)], "vision": env["vision"],
+                                     "lm": env["lm"], "out": str(tmp_path / "o"), "max_len": 128, "rows_per_step": 2}))
+    res = CliRunner().invoke(app, ["train", str(yaml_path), "--set", "max_steps=2"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["export", "hf", str(tmp_path / "o"), "--to", str(tmp_path / "hf")])
+    assert res.exit_code == 0, res.output
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    assert hf.config.vision_feature_layer == -2 and hf.config.image_token_index == 3
+    bad = CliRunner().invoke(app, ["train", str(yaml_path), "--set", "nonsense=1"])
+    assert bad.exit_code == 2 and "nonsense" in bad.output
