@@ -1,7 +1,7 @@
 """Benchmark offline best-fit-decreasing packing: fill ratio and speed on a LLaVA-like length mix vs naive baselines.
 
 Length mix (seeded), modelled on the LLaVA-1.5 665K instruction mix with a CLIP ViT-L/336 tower (576 image
-tokens per `<image>`); text counts include the one `<image>` placeholder token, widened by `sample_lengths`:
+tokens per `<image>`); text counts include the one `<image>` token, widened by `sample_lengths`:
 
     kind            share   text tokens (uniform)   images
     short VQA        35%        60 - 200               1     (VQAv2/GQA/OCR-VQA style, turns joined)
@@ -45,7 +45,7 @@ def llava_like_lengths(n: int, seed: int = 0, image_tokens: int = IMAGE_TOKENS) 
     kind = rng.choice(len(MIX), size=n, p=[m[1] for m in MIX])  # [n] index into MIX
     lo = np.array([m[2] for m in MIX])[kind]
     hi = np.array([m[3] for m in MIX])[kind]
-    text = rng.integers(lo, hi + 1)  # [n] tokens incl. placeholders
+    text = rng.integers(lo, hi + 1)  # [n] tokens, <image> tokens included
     images = np.array([m[4] for m in MIX])[kind]  # [n]
     return sample_lengths(text, images, image_tokens)
 

@@ -134,7 +134,7 @@ def test_table_conforms_to_packed_sequence() -> None:
 
 
 def test_sample_length_counts_image_tokens() -> None:
-    assert sample_length(120, 1, 576) == 120 - 1 + 576  # the one <image> placeholder becomes 576 tokens
+    assert sample_length(120, 1, 576) == 120 - 1 + 576  # the one <image> token becomes 576 tokens
     assert sample_length(300, 0, 576) == 300
     assert sample_length(10, 2, 729) == 8 + 2 * 729
     out = sample_lengths(np.array([120, 300, 10]), np.array([1, 0, 2]), 576)

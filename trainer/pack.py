@@ -17,7 +17,7 @@ STAGE = "pack"
 
 
 def sample_length(n_text_tokens: int, n_images: int, image_tokens: int) -> int:
-    """Tokens of one sample: text tokens with each `<image>` placeholder (counted once) widened to image_tokens."""
+    """Tokens of one sample: text tokens with each `<image>` token (counted once) widened to image_tokens."""
     if n_images < 0 or n_text_tokens < n_images or image_tokens < 1:
         raise ValueError(
             f"sample_length: need 0 <= n_images <= n_text_tokens and image_tokens >= 1, got "
@@ -28,7 +28,7 @@ def sample_length(n_text_tokens: int, n_images: int, image_tokens: int) -> int:
 
 def sample_lengths(n_text_tokens: np.ndarray, n_images: np.ndarray, image_tokens: int) -> np.ndarray:
     """Vectorised sample_length: int64 [N] from text-token and image counts [N]."""
-    text = np.asarray(n_text_tokens, dtype=np.int64)  # [N] tokens, one per <image> placeholder included
+    text = np.asarray(n_text_tokens, dtype=np.int64)  # [N] tokens, one per <image> token included
     imgs = np.asarray(n_images, dtype=np.int64)  # [N] images
     if image_tokens < 1:
         raise ValueError(f"sample_lengths: image_tokens must be >= 1, got {image_tokens}")
