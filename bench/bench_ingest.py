@@ -50,7 +50,7 @@ def dag_ingest(urls: Path, out: Path) -> tuple[float, int, float]:
     pipe = out.parent / f"{out.name}.yaml"
     pipe.write_text(json.dumps({"name": "bench", "stages": {"ingest": {"op": "ingest", "params": {
         "urls": str(urls), "shard_size": COMMON["shard"], "image_size": COMMON["image_size"],
-        "resize_mode": COMMON["resize_mode"], "thread_count": COMMON["thread_count"]}}}}))
+        "resize_mode": COMMON["resize_mode"], "thread_count": COMMON["thread_count"], "allow_loopback": True}}}}))
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-b-")}
     t = time.perf_counter()
     subprocess.run([str(BIN / "curate"), "run", str(pipe), "--run-dir", str(out)], check=True, env=env,

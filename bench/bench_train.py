@@ -1,7 +1,7 @@
-"""Benchmark the training loop: useful tokens/s of packed vs padded batches on the same tiny model and data.
+"""Benchmark the training step: useful tokens/s of packed vs padded batches on the same tiny model and data.
 
 Data: Instruction rows with a LLaVA-like length mix scaled to the tiny model (16 image tokens per `<image>`,
-text lengths a quarter of bench_pack.py's LLaVA-1.5 mix, max length 1024):
+text lengths a quarter of bench_pack.py's older mix; chat template, max length `--max-len`):
 
     kind            share   text words (uniform)   image
     short VQA        35%        15 - 50              1
@@ -10,16 +10,28 @@ text lengths a quarter of bench_pack.py's LLaVA-1.5 mix, max length 1024):
     detail           10%        50 - 150             1
     text only        15%        12 - 875             0
 
-Both runs train one epoch over the same samples with the same model and seed, stage 2 (projector + LM).
-Padded: one sample per row, `--padded-rows` rows per step, padded to the longest row of the step.
-Packed: best-fit-decreasing rows of max_len, `--packed-rows` rows per step (about the same useful tokens per step).
-Useful tokens = non-pad tokens; tokens/s counts the time of the optimizer steps (collate + forward + backward).
+Model: the tiny CLIP tower of trainer/tiny.py (64 px, 16 patches, hidden 64) and a random Llama LM of
+`--hidden` x `--layers` (heads max(4, hidden / 64), MLP 2 x hidden, vocab of the tiny tokenizer ~1k), stage 2
+(projector + LM train). Every side starts from the same weights (same seed).
+
+Sides, interleaved step by step (the side furthest behind in its epoch runs next, so CPU contention from other
+processes hits all of them alike), one epoch each over the same samples (trainer.packed.build_packed):
+  padded          the standard HF batch: `--padded-rows` samples per step in a seeded random order, padded to
+                  the longest of the step, [B, T] padding mask through SDPA (LlavaLite's path for padded batches)
+  packed_varlen   best-fit-decreasing rows of max_len in a seeded random order, `--packed-rows` rows per step
+                  (default: as many samples per step as padded), per-sample causal SDPA (LlavaLite
+                  packed_attention="varlen", the default)
+  packed_mask     the same packed rows through the dense [B, 1, T, T] block-diagonal mask (the reference path)
+A step is what trainer/train.py does: collate (image decode + processor), forward, backward, grad clip, AdamW.
+Useful tokens = non-pad tokens; tokens/s = tokens of the steps / summed step time.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import math
+import os
 import sys
 import tempfile
 import time
@@ -28,26 +40,28 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas import Instruction, arrow_schema  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.tiny import default_corpus, make_tiny_all  # noqa: E402
-from trainer.train import train  # noqa: E402
+from trainer.model import LlavaLite  # noqa: E402
+from trainer.packed import PackedReader, build_packed, collate  # noqa: E402
+from trainer.tiny import default_corpus, make_tiny_tokenizer, make_tiny_vision  # noqa: E402
 
 MIX = [("short_vqa", 0.35, 15, 50, 1), ("caption", 0.20, 25, 75, 1), ("conversation", 0.20, 75, 375, 1),
        ("detail", 0.10, 50, 150, 1), ("text_only", 0.15, 12, 875, 0)]
 
 
 def make_shard(path: Path, n: int, seed: int = 0) -> Path:
+    """n Instruction rows of MIX (one human turn, one gpt turn; a 32 px PNG where the kind has an image)."""
     rng = np.random.default_rng(seed)
     words = " ".join(default_corpus()).split()
     kinds = rng.choice(len(MIX), size=n, p=[m[1] for m in MIX])
-    img = Image.new("RGB", (32, 32), (200, 40, 40))
     buf = io.BytesIO()
-    img.save(buf, "PNG")
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buf, "PNG")
     rows = []
     for i, k in enumerate(kinds):
         name, _, lo, hi, n_img = MIX[k]
@@ -63,45 +77,114 @@ def make_shard(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def run(root: Path, dirs: dict, shard: Path, packing: bool, rows: int, max_len: int) -> dict:
-    out = root / ("packed" if packing else "padded")
-    cfg = load_config(None, {"stage": 2, "shards": [str(shard)], "vision": str(dirs["vision"]), "lm": str(dirs["lm"]),
-                             "out": str(out), "max_len": max_len, "packing": packing, "rows_per_step": rows,
-                             "epochs": 1, "log_every": 1, "checkpoint_every": 10**6, "lr": 1e-4, "seed": 0})
-    t0 = time.perf_counter()
-    s = train(cfg)
-    wall = time.perf_counter() - t0
-    log = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
-    step_time = sum(1.0 / r["steps_per_s"] for r in log if r["steps_per_s"])
-    useful = sum(r["useful_tokens_per_s"] / r["steps_per_s"] for r in log if r["steps_per_s"])
-    total = sum(r["tokens_per_s"] / r["steps_per_s"] for r in log if r["steps_per_s"])
-    samples = sum(r["samples_per_s"] / r["steps_per_s"] for r in log if r["steps_per_s"])
-    return {"mode": "packed" if packing else "padded", "rows_per_step": rows, "steps": s["steps"],
-            "rows": s["packing"]["rows"], "samples": s["packing"]["samples"], "rejects": s["packing"]["rejects"],
-            "train_s": step_time, "steps_per_s": s["steps"] / step_time, "tokens_per_s": total / step_time,
-            "useful_tokens_per_s": useful / step_time, "samples_per_s": samples / step_time,
-            "padding_waste": 1 - useful / total, "wall_s_incl_packing": wall}
+def make_models(root: Path, hidden: int, layers: int, seed: int = 0) -> dict[str, Path]:
+    """Tiny tokenizer + vision tower (trainer.tiny) and a random Llama of hidden x layers, saved as HF folders."""
+    tokenizer = make_tiny_tokenizer(root / "lm")
+    make_tiny_vision(root / "vision", seed=seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=max(4, hidden // 64), num_key_value_heads=max(4, hidden // 64),
+        max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(str(root / "lm"))
+    return {"lm": root / "lm", "vision": root / "vision"}
+
+
+class Side:
+    """One training run (model, AdamW, reader) advanced one step at a time, with its own timings."""
+
+    def __init__(self, name: str, dirs: dict, packed_dir: Path, rows: int, attention: str, seed: int = 0):
+        self.name, self.rows = name, rows
+        self.model = LlavaLite.from_parts(dirs["vision"], dirs["lm"], seed=seed, packed_attention=attention)
+        self.params = self.model.trainable(2)
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        self.processor = AutoImageProcessor.from_pretrained(str(dirs["vision"]))
+        self.reader = PackedReader(packed_dir, seed=seed)
+        self.total_steps = math.ceil(len(self.reader) / rows)
+        self.steps, self.time, self.losses = 0, 0.0, []
+        self.counts = {"tokens": 0, "useful_tokens": 0, "samples": 0}
+
+    @property
+    def progress(self) -> float:
+        return self.steps / self.total_steps
+
+    def step(self) -> None:
+        """collate -> forward (sum loss) -> backward -> clip -> AdamW, timed as trainer/train.py times a step."""
+        t0 = time.perf_counter()
+        batch = collate(self.reader.next_rows(self.rows), self.processor, pad_id=0)
+        _, ls = self.model(batch["input_ids"], pixel_values=batch["pixel_values"],
+                           position_ids=batch["position_ids"], seq_lens=batch["seq_lens"], labels=batch["labels"],
+                           reduction="sum")
+        (ls[0] / ls[1].clamp(min=1)).backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.time += time.perf_counter() - t0
+        self.steps += 1
+        loss = ls.detach()
+        self.losses.append(float(loss[0] / loss[1].clamp(min=1)))
+        for k in self.counts:
+            self.counts[k] += batch[k]
+
+    def report(self) -> dict:
+        c, t = self.counts, self.time
+        return {"rows_per_step": self.rows, "steps": self.steps, "rows": len(self.reader), "samples": c["samples"],
+                "train_s": round(t, 2), "useful_tokens_per_s": round(c["useful_tokens"] / t, 1),
+                "tokens_per_s": round(c["tokens"] / t, 1), "samples_per_s": round(c["samples"] / t, 2),
+                "padding_waste": round(1 - c["useful_tokens"] / c["tokens"], 4),
+                "mean_loss_last_10": round(float(np.mean(self.losses[-10:])), 4)}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=384)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=384, help="samples")
     ap.add_argument("--max-len", type=int, default=1024)
-    ap.add_argument("--padded-rows", type=int, default=16)
-    ap.add_argument("--packed-rows", type=int, default=2)
+    ap.add_argument("--padded-rows", type=int, default=16, help="samples per padded step")
+    ap.add_argument("--packed-rows", type=int, default=0,
+                    help="packed rows per step; 0: padded-rows / samples per packed row (same samples per step)")
+    ap.add_argument("--hidden", type=int, default=64, help="LM hidden size")
+    ap.add_argument("--layers", type=int, default=2, help="LM layers")
+    ap.add_argument("--sides", default="padded,packed_varlen,packed_mask")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: the shared 2-core box is oversubscribed; more threads mostly spin)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print compact JSON on one line (the default is indented)")
     args = ap.parse_args()
-    import torch
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        dirs = make_tiny_all(root / "models")
-        shard = make_shard(root / "data" / "part-00000.parquet", args.n)
-        padded = run(root, dirs, shard, False, args.padded_rows, args.max_len)
-        packed = run(root, dirs, shard, True, args.packed_rows, args.max_len)
-    ratio = packed["useful_tokens_per_s"] / padded["useful_tokens_per_s"]
-    print(json.dumps({"packed": packed, "padded": padded, "useful_tokens_per_s_ratio": ratio,
-                      "goal": ">= 1.5x useful tokens/s packed vs padded",
-                      "threads": torch.get_num_threads()}, indent=2))
+        dirs = make_models(root / "models", args.hidden, args.layers, args.seed)
+        shard = make_shard(root / "data" / "part-00000.parquet", args.n, args.seed)
+        tokenizer = AutoTokenizer.from_pretrained(str(dirs["lm"]))
+        vision = CLIPVisionConfig.from_pretrained(str(dirs["vision"]))
+        image_tokens = (vision.image_size // vision.patch_size) ** 2  # what LlavaLite.image_tokens says
+        built = {packing: build_packed(shard, root / ("packed" if packing else "padded"), tokenizer, "chat",
+                                       image_tokens, args.max_len, packing=packing) for packing in (False, True)}
+        packed_rows = args.packed_rows or max(1, round(args.padded_rows * built[True]["rows"] / built[True]["samples"]))
+        spec = {"padded": (False, args.padded_rows, "varlen"), "packed_varlen": (True, packed_rows, "varlen"),
+                "packed_mask": (True, packed_rows, "mask")}
+        sides = [Side(name, dirs, root / ("packed" if spec[name][0] else "padded"), spec[name][1], spec[name][2],
+                      args.seed) for name in args.sides.split(",")]
+        while True:
+            todo = [s for s in sides if s.steps < s.total_steps]
+            if not todo:
+                break
+            min(todo, key=lambda s: s.progress).step()  # the side furthest behind runs next
+    reports = {s.name: s.report() for s in sides}
+    out = {"setting": {"n": args.n, "max_len": args.max_len, "hidden": args.hidden, "layers": args.layers,
+                       "lm_params_m": round(sum(p.numel() for p in sides[0].model.lm.parameters()) / 1e6, 2),
+                       "threads": torch.get_num_threads(), "loadavg_before": [round(x, 2) for x in load_before],
+                       "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+           "samples": built[True]["samples"], "packed_fill": round(built[True]["fill_ratio"], 4),
+           "rejects": built[True]["rejects"], **reports}
+    if "padded" in reports:
+        base = reports["padded"]["useful_tokens_per_s"]
+        out["ratio_vs_padded"] = {k: round(r["useful_tokens_per_s"] / base, 2) for k, r in reports.items()}
+    out["goal"] = ">= 1.5x useful tokens/s packed vs padded"
+    print(json.dumps(out, indent=None if args.json else 2))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,29 @@ def status(run_dir: Path, as_json: bool = typer.Option(False, "--json", help="ma
         _print_status(run_dir)
 
 
+@app.command()
+def report(run_dir: Path, out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default RUN_DIR/report.html)"),
+           samples: int = typer.Option(8, help="rows in the gallery")):
+    """Write a self-contained HTML report: funnel, dedup groups, concept coverage, lengths, LLM use, sample rows."""
+    from curation.report import write_report
+
+    try:
+        print(write_report(run_dir, out, samples))
+    except (FileNotFoundError, OSError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def view(run_dir: Path, port: int = typer.Option(8766, "--port", help="port on 127.0.0.1 (0: any free port)")):
+    """Browse a run's rows and rejects in a small local web page (127.0.0.1 only) until Ctrl-C."""
+    from curation.view import serve
+
+    try:
+        serve(run_dir, port)
+    except (FileNotFoundError, OSError) as e:
+        _fail(str(e))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -171,7 +194,8 @@ def demo(
     web = out / "web"
     make_web(web, n=n, port=free_port(), seed=0)
     model, vocab = demo_assets(out, web / "urls.parquet")
-    overrides = [f"ingest.urls={web / 'urls.parquet'}", f"embed.pretrained={model}", f"match_concepts.pretrained={model}",
+    overrides = [f"ingest.urls={web / 'urls.parquet'}", "ingest.allow_loopback=true",  # the demo's web is on 127.0.0.1
+                 f"embed.pretrained={model}", f"match_concepts.pretrained={model}",
                  f"match_concepts.vocab={vocab}", f"match_concepts.cache_dir={out / 'cache'}", f"balance.vocab={vocab}"]
     overrides += [f"{s}.annotations={web / 'truth.parquet'}" for s in synth_stages(pipeline)]
     with WebServer(web):
@@ -179,6 +203,10 @@ def demo(
     _print_status(run_dir)
     print(f"run dir: {run_dir.resolve()}")
     print(f"status:  curate status {run_dir}")
+    from curation.report import write_report
+
+    print(f"report:  {write_report(run_dir).resolve()}")
+    print(f"browse:  curate view {run_dir}")
 
 
 @schema_app.command("export")
@@ -317,7 +345,7 @@ def regenerate(
     prompts: Path = typer.Option(..., help="the (changed) prompt folder"),
     input: list[Path] = typer.Option(..., "--input", help="image shards (Parquet with uid, url, caption, image)"),
     out: Path = typer.Option(..., help="output dir: parts, rejects, manifest"),
-    backend: str = typer.Option("openai", help="openai or rules"),
+    backend: str = typer.Option("openai", help="openai, vllm (in process: --set model=FOLDER) or rules"),
     kind: Optional[str] = typer.Option(None, help="instruction kind, or 'recaption'; default: the prompt's task"),
     set_: list[str] = typer.Option([], "--set", help="more params: PARAM=VALUE (model, base_url, annotations, cache...)"),
 ):

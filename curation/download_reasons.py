@@ -7,10 +7,13 @@ import warnings
 
 from PIL import Image
 
+from curation.download_guard import REASONS as GUARD_REASONS
+
 # reasons a rerun with --retry-failed tries again (the failure may be transient)
 TRANSIENT = frozenset({"timeout", "unreachable", "connection_error", "http_429", "http_500", "http_502", "http_503", "http_504"})
 
 _DOWNLOAD_PATTERNS = [
+    (re.compile(rf"^({'|'.join(GUARD_REASONS)}): "), lambda m: m.group(1)),  # the download guard's 'reason: detail'
     (re.compile(r"HTTP Error (\d{3})"), lambda m: f"http_{m.group(1)}"),
     (re.compile(r"timed out", re.I), lambda m: "timeout"),
     (re.compile(r"Connection refused|No route to host|Network is unreachable|Name or service not known|"
@@ -29,6 +32,14 @@ def download_reason(message: str | None) -> str:
         if m:
             return code(m)
     return "download_error"
+
+
+def download_failure(message: str | None) -> tuple[str, str]:
+    """(reason, detail) for a failed_to_download message; the guard's 'reason: detail' loses its prefix."""
+    message = message or ""
+    reason = download_reason(message)
+    prefix = f"{reason}: "
+    return reason, message[len(prefix):] if message.startswith(prefix) else message
 
 
 def sniff(data: bytes, max_pixels: int) -> tuple[str, str] | None:

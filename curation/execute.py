@@ -17,7 +17,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from curation.config import Stage
-from curation.store import StageDir, atomic_write_json, atomic_write_parquet
+from curation.store import StageDir, atomic_write_json, atomic_write_parquet, storage_error
 from schemas import Reject, conform
 
 
@@ -83,14 +83,15 @@ def run_step(op, stage: Stage, run_dir: str, step: str, part: str) -> dict:
             out, rejects = op.process(part, table)
             where = f"stage '{stage.name}' part {part}"
             marker = sd.commit(part, conform(out, op.output, where), conform(rejects, Reject, where + " rejects"), rows_in,
-                               started=round(t0, 3), seconds=round(time.time() - t0, 3), pid=os.getpid())
+                               started=round(t0, 3), seconds=round(time.time() - t0, 3), pid=os.getpid(),
+                               node=ray.get_runtime_context().get_node_id() if ray.is_initialized() else None)
         elif step == "retry":
             marker = _retry(op, sd, part)
         else:
             raise ValueError(f"unknown step {step}")
         return {"part": part, "error": "", "marker": json.dumps(marker)}
-    except Exception:  # noqa: BLE001 - reported per part, the stage then fails with it
-        return {"part": part, "error": traceback.format_exc(), "marker": ""}
+    except Exception as e:  # noqa: BLE001 - reported per part, the stage then fails with it
+        return {"part": part, "error": storage_error(e) or traceback.format_exc(), "marker": ""}
 
 
 def _retry(op, sd: StageDir, part: str) -> dict:
@@ -115,10 +116,14 @@ def prepare(stage: Stage, run_dir: Path) -> list[str]:
         try:
             build_op(stage, str(run_dir)).prepare()
             return ""
-        except Exception:  # noqa: BLE001 - reported like a part's error
-            return traceback.format_exc()
+        except Exception as e:  # noqa: BLE001 - reported like a part's error
+            return storage_error(e) or traceback.format_exc()
 
     res = stage.resources
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if res.num_gpus > gpus:  # Ray would wait forever for a GPU that is not there
+        return [f"prepare: stage '{stage.name}' asks for num_gpus {res.num_gpus:g} per worker and the Ray cluster "
+                f"has {gpus:g} GPU(s); add GPU nodes or set resources.num_gpus"]
     error = ray.get(ray.remote(_prepare).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus or None).remote())
     return [f"prepare:\n{error}"] if error else []
 
@@ -153,10 +158,16 @@ def map_parts(stage: Stage, run_dir: Path, step: str, parts: list[str], on_resul
     ds = ray.data.from_items([{"part": p} for p in parts], override_num_blocks=len(parts))
     kwargs = {"stage": stage, "run_dir": str(run_dir), "step": step}
     remote = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus or None, "batch_size": 1}
-    if stage.op.actor:
+    # params whose workers hold the model in process (synthesis with backend vllm) ask for actors too
+    if stage.op.actor or getattr(stage.params, "in_process_model", False):
         fits = int(ray.available_resources().get("CPU", 1) // res.num_cpus) if res.num_cpus else len(parts)
+        if res.num_gpus:
+            fits = min(fits, int(ray.available_resources().get("GPU", 0) // res.num_gpus))
         size = max(1, min(res.concurrency or fits, len(parts)))  # a fixed pool: every actor starts at once
-        ds = ds.map_batches(_PartActor, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=size), **remote)
+        # engines that load slowly (GPU models, vLLM) take one part at a time, or the first one up drains the queue
+        slow_start = bool(res.num_gpus) or getattr(stage.params, "in_process_model", False)
+        pool = ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1 if slow_start else None)
+        ds = ds.map_batches(_PartActor, fn_constructor_kwargs=kwargs, compute=pool, **remote)
     else:
         ds = ds.map_batches(_task, fn_kwargs=kwargs, compute=TaskPoolStrategy(size=res.concurrency), **remote)
     for row in ds.iter_rows():

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from curation.config import Pipeline, Stage
 from curation.execute import build_op, init_ray, map_parts, prepare
-from curation.store import StageDir, atomic_write_json, read_json
+from curation.store import StageDir, atomic_write_json, read_json, storage_error
 
 Progress = Callable[[str, int, int, str], None]  # (stage, parts done, parts total, phase)
 _PACKAGES = ("ray", "pyarrow", "pydantic", "img2dataset", "imagehash", "faiss-cpu", "polars", "curation")
@@ -194,12 +194,22 @@ def run_pipeline(
 ) -> dict[str, dict]:
     """Run (or resume) every stage in topological order; return their manifests."""
     run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "_pipeline.json", {"name": pipeline.name, "path": pipeline.path, "order": pipeline.order})
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise StageFailed(f"run dir {run_dir} is a file, not a directory: choose another --run-dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "_pipeline.json", {"name": pipeline.name, "path": pipeline.path, "order": pipeline.order})
+    except OSError as e:
+        raise StageFailed(f"cannot write to run dir {run_dir}: {storage_error(e) or e}") from None
     init_ray(address, run_dir)
     progress = progress or (lambda *a: None)
-    return {
-        name: run_stage(pipeline, name, run_dir, progress, retry_failed)
-        for name in pipeline.order
-        if only is None or name in only
-    }
+    manifests = {}
+    for name in pipeline.order:
+        if only is None or name in only:
+            try:
+                manifests[name] = run_stage(pipeline, name, run_dir, progress, retry_failed)
+            except OSError as e:  # the driver's own writes: state, plan, aggregate, manifest
+                if (msg := storage_error(e)) is None:
+                    raise
+                raise StageFailed(f"stage '{name}': {msg}") from None
+    return manifests

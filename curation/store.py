@@ -1,6 +1,8 @@
 """A stage's directory in a run: atomic Parquet parts, rejects, per-part markers and the manifest."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,15 +19,47 @@ from schemas import Reject, arrow_schema
 REJECT_SCHEMA = arrow_schema(Reject)
 
 
+_STORAGE_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or point --run-dir at a bigger disk",
+    errno.EDQUOT: "the disk quota is used up: free space or point --run-dir at another disk",
+    errno.EROFS: "the run dir is on a read-only file system: remount it read-write or choose another --run-dir",
+    errno.EACCES: "the run dir is not writable by this user: fix its permissions or choose another --run-dir",
+    errno.EPERM: "the run dir is not writable by this user: fix its permissions or choose another --run-dir",
+    errno.ENOTDIR: "a parent of that path is a file, not a directory: choose another --run-dir",
+}
+
+
+def storage_error(exc: BaseException) -> str | None:
+    """One line for a disk-full or unwritable-path error (itself or one it was raised from), else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = exc.errno if isinstance(exc, OSError) else None
+        if isinstance(exc, OSError) and code is None:  # pyarrow's IO errors carry the text, not the errno
+            code = next((c for c in _STORAGE_HINTS if os.strerror(c) in str(exc)), None)
+        if code in _STORAGE_HINTS:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return f"{os.strerror(code)}{where}: {_STORAGE_HINTS[code]}, then rerun (finished parts are kept)"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file under a temp name, fsync, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a file under a temp name, fsync, then rename over the target; on failure no temp file is left."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # a partial temp file would keep a full disk full
+            tmp.unlink()
+        if e.filename is None:  # write() and fsync() errors name no file
+            e.filename = str(path)
+        raise
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

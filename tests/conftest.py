@@ -79,3 +79,23 @@ def web_overrides(web: Path) -> list[str]:
 
     return [f"ingest.urls={web / 'urls.parquet'}"] + [
         f"{s}.annotations={web / 'truth.parquet'}" for s in synth_stages(ROOT / "pipelines/demo.yaml")]
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_session, demo_assets, tmp_path_factory):
+    """The whole demo DAG on a 120-URL web of its own (report and viewer tests read it): (run dir, web dir)."""
+    from curation.config import load_pipeline
+    from curation.fixtures.serve import WebServer
+    from curation.fixtures.web import make_web
+    from curation.runner import run_pipeline
+
+    web = tmp_path_factory.mktemp("demo-web")
+    make_web(web, n=120, port=free_port(), seed=1)
+    run = tmp_path_factory.mktemp("demo-run")
+    overrides = [*web_overrides(web), "ingest.shard_size=60", *demo_assets]
+    with WebServer(web):
+        run_pipeline(load_pipeline(ROOT / "pipelines/demo.yaml", overrides), run)
+    return run, web
+
+
+from tests.faults_util import reference, slow_web  # noqa: E402,F401 - session fixtures of the fault tests (resume, faults, cluster)

@@ -162,7 +162,7 @@ def test_ingest_refuses_bad_rows_with_reasons_and_reads_csv(ray_session, web, tm
     ]
     csv = tmp_path / "urls.csv"
     pl.DataFrame(rows).write_csv(csv)
-    raw = {"name": "csv", "stages": {"ingest": {"op": "ingest", "params": {"urls": str(csv)}}}}
+    raw = {"name": "csv", "stages": {"ingest": {"op": "ingest", "params": {"urls": str(csv), "allow_loopback": True}}}}
     m = run_pipeline(parse_pipeline(raw, "csv.yaml"), tmp_path / "run")["ingest"]
     assert m["counts"]["in"] == 7 and m["counts"]["out"] == 3
     assert m["counts"]["rejected_by_reason"] == {"duplicate_input_row": 1, "unsupported_scheme": 1, "missing_url": 2}

@@ -1,15 +1,78 @@
-"""LlavaLite: a frozen HF vision tower, a 2-layer GELU projector and an HF causal LM, with packed-batch attention."""
+"""LlavaLite: a frozen HF vision tower, a 2-layer GELU projector and an HF causal LM, with packed-batch attention.
+
+Attention of a batch (position ids restart at 0 for every sample in all modes):
+
+    batch                       packed_attention="varlen" (default)          packed_attention="mask" (reference)
+    packed (a row holds > 1)    per-sample causal SDPA ("llava_lite_varlen")  dense [B, 1, T, T] block-diagonal mask
+    padded (one sample a row)   HF standard: [B, T] padding mask             dense [B, 1, T, T] block-diagonal mask
+    flash_attention_* LM        flash varlen from cu_seq_lens (any batch)    same
+
+Varlen kwargs (`cu_seq_lens_q/k`, `max_length_q/k`, boundaries over the flattened B x T tokens, a padding tail
+being one more segment) are what transformers' flash-attention path reads; the CUDA flash path is not tested here
+(load the LM with attn_implementation="flash_attention_2" to use it). The CPU varlen function is switched on for
+the one LM call only; with activation checkpointing (recomputed outside that call) packed batches use the mask.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, PreTrainedModel
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, PreTrainedModel
 
 IGNORE_INDEX = -100
+VARLEN_ATTENTION = "llava_lite_varlen"  # registered below; not in the mask interface, so transformers builds no mask
+PACKED_ATTENTION_MODES = ("varlen", "mask")
+
+
+def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          cu_seq_lens_q: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Causal SDPA inside each segment of `cu_seq_lens_q` (over the flattened B x T tokens); q [B, H, T, D],
+    k/v [B, Hkv, T, D] -> [B, T, H, D]. No [T, T] mask exists: work and memory follow the sample lengths."""
+    if cu_seq_lens_q is None:
+        raise ValueError(f"{VARLEN_ATTENTION} attention needs cu_seq_lens_q (LlavaLite.forward passes it)")
+    B, H, T, _ = query.shape
+    cu = [int(c) for c in cu_seq_lens_q.tolist()]
+    if cu[0] != 0 or cu[-1] != B * T:
+        raise ValueError(f"cu_seq_lens_q must run from 0 to B*T={B * T} (padding included), got {cu[0]}..{cu[-1]}")
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]  # segments never cross a row (seq_lens_from_cu checks)
+    flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]) for x in (query, key, value)]  # [B*T, H, D]
+    outs = [F.scaled_dot_product_attention(  # [1, H, L, D] per segment -> [L, H, D]
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dropout_p=dropout,
+        scale=scaling, is_causal=True, enable_gqa=key.shape[1] != H)[0].transpose(0, 1)
+        for q, k, v in zip(*(torch.split(x, lens, dim=0) for x in flat))]  # split: one cat in backward
+    return torch.cat(outs, dim=0).view(B, T, H, -1), None  # [B, T, H, D]
+
+
+AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+
+
+def flat_cu_seqlens(seq_lens: Sequence[Sequence[int]], T: int, device: torch.device | None = None) -> torch.Tensor:
+    """Sample boundaries int32 [n+1] over the flattened B x T tokens; each row's padding tail is one more segment."""
+    cu = [0]
+    for r, lens in enumerate(seq_lens):
+        for n in lens:
+            if n > 0:
+                cu.append(cu[-1] + n)
+        if cu[-1] < (r + 1) * T:
+            cu.append((r + 1) * T)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+@contextmanager
+def attention_implementation(lm: PreTrainedModel, name: str) -> Iterator[None]:
+    """Run the LM with another registered attention function for one call (its config is restored after)."""
+    config = lm.config
+    old = config._attn_implementation_internal
+    config._attn_implementation_internal = name  # read by every attention layer and by create_causal_mask
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = old
 
 
 class Projector(nn.Module):
@@ -73,23 +136,25 @@ class LlavaLite(nn.Module):
     """A readable LLaVA: penultimate-layer patch features (no CLS) -> projector -> spliced into the LM's inputs."""
 
     def __init__(self, vision: CLIPVisionModel, lm: PreTrainedModel, projector: Projector | None = None,
-                 image_token_id: int | None = None):
+                 image_token_id: int | None = None, packed_attention: str = "varlen"):
         super().__init__()
         self.vision, self.lm = vision, lm
         self.projector = projector or Projector(vision.config.hidden_size, lm.config.hidden_size)
         self.image_token_id = image_token_id
+        self.packed_attention = packed_attention  # "varlen" (per-sample attention) or "mask" (dense reference)
         self.vision.requires_grad_(False).eval()
 
     @classmethod
     def from_parts(cls, vision_dir: str | Path, lm_dir: str | Path, seed: int = 0,
-                   attn_implementation: str = "sdpa") -> "LlavaLite":
+                   attn_implementation: str = "sdpa", packed_attention: str = "varlen") -> "LlavaLite":
         """Load vision tower, LM and the `<image>` id with from_pretrained; a fresh projector from `seed`."""
         vision = CLIPVisionModel.from_pretrained(str(vision_dir))
         lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
         torch.manual_seed(seed)
         projector = Projector(vision.config.hidden_size, lm.config.hidden_size)
-        return cls(vision, lm, projector, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+        return cls(vision, lm, projector, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                   packed_attention=packed_attention)
 
     @property
     def image_tokens(self) -> int:
@@ -137,23 +202,23 @@ class LlavaLite(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, seq_lens: Sequence[Sequence[int]] | None = None,
                 cu_seqlens: torch.Tensor | Sequence[int] | None = None, labels: torch.Tensor | None = None,
-                reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [B, T, V] and loss: mean CE over label tokens, or `reduction="sum"`: tensor [sum, count]."""
+                reduction: str = "mean", packed_attention: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [B, T, V] and loss: mean CE over label tokens, or `reduction="sum"`: tensor [sum, count].
+        `packed_attention` overrides the model's mode ("varlen" or "mask") for this call."""
         B, T = input_ids.shape
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        mode = packed_attention or self.packed_attention
+        if mode not in PACKED_ATTENTION_MODES:
+            raise ValueError(f"packed_attention must be one of {PACKED_ATTENTION_MODES}, got {mode!r}")
         if seq_lens is None:
             seq_lens = seq_lens_from_cu(cu_seqlens, T, B) if cu_seqlens is not None else [[T]] * B
         seg = segment_ids(seq_lens, T, input_ids.device)  # [B, T]
         if position_ids is None:
             position_ids = positions_from_lens(seq_lens, T).to(input_ids.device)  # [B, T]
         embeds = self.embed(input_ids, pixel_values)  # [B, T, D]
-        if self.lm.config._attn_implementation.startswith("flash"):
-            mask = None  # varlen kernels find the sample boundaries from position ids restarting at 0
-        else:
-            mask = packed_attention_mask(seg, embeds.dtype)  # [B, 1, T, T]
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False)
-        logits = out.logits  # [B, T, V]
+        logits = self._lm_logits(embeds, position_ids, seq_lens, seg, mode)  # [B, T, V]
         if labels is None:
             return logits, None
         targets = shifted_targets(labels, seg)  # [B, T]
@@ -163,6 +228,28 @@ class LlavaLite(nn.Module):
         if reduction == "sum":
             return logits, torch.stack([total, count.to(total.dtype)])
         return logits, total / count.clamp(min=1)
+
+    def _lm_logits(self, embeds: torch.Tensor, position_ids: torch.Tensor, seq_lens: Sequence[Sequence[int]],
+                   seg: torch.Tensor, mode: str) -> torch.Tensor:
+        """LM logits [B, T, V] with the attention of the module docstring's table."""
+        T = seg.shape[1]
+        run = dict(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
+        impl = self.lm.config._attn_implementation or ""
+        if mode == "varlen" and any(getattr(m, "gradient_checkpointing", False) for m in self.lm.modules()):
+            mode = "mask"  # recomputation in backward runs outside attention_implementation(): use the mask
+        if impl.startswith("flash") or (mode == "varlen" and any(len(lens) != 1 for lens in seq_lens)):
+            cu = flat_cu_seqlens(seq_lens, T, embeds.device)  # [n+1] over B x T
+            longest = int((cu[1:] - cu[:-1]).max())
+            varlen = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+            if impl.startswith("flash"):  # CUDA: transformers' flash varlen path (flattens B x T itself); untested
+                return self.lm(**run, **varlen).logits
+            with attention_implementation(self.lm, VARLEN_ATTENTION):
+                return self.lm(**run, **varlen).logits
+        if mode == "varlen":  # one sample per row: the standard HF padded batch
+            pad = seg < 0  # [B, T]
+            mask = (~pad).long() if bool(pad.any()) else None
+            return self.lm(**run, attention_mask=mask).logits
+        return self.lm(**run, attention_mask=packed_attention_mask(seg, embeds.dtype)).logits  # [B, 1, T, T]
 
 
 def positions_from_lens(seq_lens: Sequence[Sequence[int]], T: int) -> torch.Tensor:

@@ -77,7 +77,7 @@ class Filter(Op):
     def process(self, part: str, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         rows = table.select(["uid", "url", "caption", "original_width", "original_height"]).to_pylist()
         verdicts = [self.check(r) for r in rows]
-        keep = pa.array([v[0] is None for v in verdicts])
+        keep = pa.array([v[0] is None for v in verdicts], pa.bool_())
         out = table.filter(keep).append_column("lang", pa.array([v[2] for v in verdicts if v[0] is None], pa.string()))
         bad = [(r, v) for r, v in zip(rows, verdicts) if v[0] is not None]
         rejects = make_rejects([r for r, _ in bad], self.stage, [v[0] for _, v in bad], [v[1] for _, v in bad])

@@ -11,7 +11,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from curation.download_reasons import TRANSIENT, download_reason, split_reason
+from curation.download_reasons import TRANSIENT, download_failure, split_reason
 from curation.ops.base import Op, Params
 from curation.store import make_rejects
 from schemas import Image, arrow_schema
@@ -37,6 +37,13 @@ class IngestParams(Params):
     timeout: float = Field(10, gt=0, description="seconds per request")
     retries: int = Field(0, ge=0, description="img2dataset's immediate retries per URL")
     max_pixels: int = Field(89_478_485, ge=1, description="refuse images whose header claims more pixels (decompression bombs)")
+    # download safety (curation.download_guard): every request and redirect hop is checked before it connects
+    allow_loopback: bool = Field(False, description="allow 127.0.0.0/8 and ::1 (tests and the demo's loopback web only)")
+    allow_private: bool = Field(False, description="allow 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7; link-local "
+                                "and metadata addresses (169.254.169.254) are always refused")
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1, description="stop reading an image's body past this many bytes")
+    max_redirects: int = Field(5, ge=0, description="redirect hops followed per image")
+    max_seconds: float = Field(30, gt=0, description="total time per image, all hops and the body included")
 
 
 class Ingest(Op):
@@ -128,7 +135,7 @@ class Ingest(Op):
         reasons, details = [], []
         for r in failed:
             msg = r["error_message"] or ""
-            reason, detail = (download_reason(msg), msg) if r["status"] == "failed_to_download" else _resize_reason(msg)
+            reason, detail = download_failure(msg) if r["status"] == "failed_to_download" else _resize_reason(msg)
             reasons.append(reason)
             details.append(detail[:300])
         rejects.append(make_rejects(failed, self.stage, reasons, details))

@@ -19,7 +19,7 @@ class InstructParams(LLMParams):
 
     @model_validator(mode="after")
     def _format_kinds_are_rules(self):
-        if self.backend == "openai" and self.kind not in LLM_KINDS:
+        if self.backend != "rules" and self.kind not in LLM_KINDS:
             raise ValueError(f"kind {self.kind} comes from the rules backend; an LLM writes {', '.join(LLM_KINDS)}")
         return self
 

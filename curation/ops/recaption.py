@@ -17,7 +17,7 @@ class RecaptionParams(LLMParams):
     @model_validator(mode="after")
     def _rules_write_english(self):
         if self.backend == "rules" and self.lang != "en":
-            raise ValueError("the rules backend writes English recaptions only; use backend openai for lang zh")
+            raise ValueError("the rules backend writes English recaptions only; use backend openai or vllm for lang zh")
         return self
 
 

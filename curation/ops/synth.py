@@ -22,13 +22,24 @@ class SynthOp(Op):
         return {"uid", "url", "caption", "image"}
 
     def setup(self) -> None:
+        """Prompt, boxes and client; with backend vllm the engine is built here, once per actor."""
         self.prompt = load_prompt(self.params.prompt_dir(self.task))
         self.ann = Annotations.load(self.params.annotations)
-        self.client = LLMClient(self.params) if self.params.backend == "openai" else None
+        self.client = LLMClient(self.params) if self.params.backend != "rules" else None
+
+    @property
+    def has_prepare(self) -> bool:
+        return self.params.backend == "vllm"
+
+    def prepare(self) -> None:
+        """backend vllm: fail the stage early, with what to do, where the workers cannot import vllm."""
+        from curation.synth.vllm_backend import require_vllm
+
+        require_vllm()
 
     @property
     def model_name(self) -> str:
-        return self.params.model if self.params.backend == "openai" else "rules"
+        return self.params.model if self.params.backend != "rules" else "rules"
 
     def process(self, part: str, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         if not hasattr(self, "prompt"):
@@ -36,7 +47,7 @@ class SynthOp(Op):
         rows = table.to_pylist()
         outcomes = self.rules(rows) if self.client is None else self.ask(rows)
         if self.client is not None:
-            write_usage(self.work, part, self.client.usage())
+            write_usage(self.work, part, self.client.part_usage())
         good = [self.row(r, o.turns) for r, o in zip(rows, outcomes) if o.reason is None]
         bad = [(r, o) for r, o in zip(rows, outcomes) if o.reason is not None]
         rejects = make_rejects([r for r, _ in bad], self.stage, [o.reason for _, o in bad], [o.detail for _, o in bad])
@@ -58,7 +69,7 @@ class SynthOp(Op):
 
     @abstractmethod
     def ask(self, rows: list[dict]) -> list[Outcome]:
-        """Outcomes from the model behind the openai backend."""
+        """Outcomes from the model behind the openai or vllm backend."""
 
     @abstractmethod
     def row(self, src: dict, turns: list[dict]) -> dict:

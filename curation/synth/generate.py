@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, model_serializer, model_validator
 
 from curation.ops.base import Params
 from curation.synth.parse import parse_and_check
 from curation.synth.prompts import PromptSet, render_context
+from curation.synth.vllm_backend import VLLMEngine
 
 PROMPTS = Path(__file__).resolve().parents[2] / "prompts"  # the repository's versioned prompt folders
 REASK = ("Your previous answer could not be used ({reason}). Answer again, following exactly the output format "
@@ -22,10 +23,12 @@ REASK = ("Your previous answer could not be used ({reason}). Answer again, follo
 class LLMParams(Params):
     """How a synthesis stage reaches its model; the real default is a GPT-class API."""
 
-    backend: Literal["openai", "rules"] = Field("openai", description="openai: any OpenAI-compatible server "
-                                                "(GPT-class APIs, `vllm serve`); rules: offline templates over the boxes")
+    backend: Literal["openai", "vllm", "rules"] = Field(
+        "openai", description="openai: any OpenAI-compatible server (GPT-class APIs, `vllm serve`); vllm: an "
+        "in-process vLLM engine per Ray actor (GPU workers); rules: offline templates over the boxes")
     prompts: str | None = Field(None, description="prompt folder; default the repository's prompts/<task>")
-    model: str = "gpt-4o-mini"
+    model: str = Field("gpt-4o-mini", description="the API's model name; for backend vllm the checkpoint folder or "
+                       "a name in the local HF cache")
     base_url: str = "https://api.openai.com/v1"
     api_key_env: str = Field("OPENAI_API_KEY", description="the environment variable holding the key (never the key)")
     concurrency: int = Field(16, ge=1, description="requests in flight per worker")
@@ -37,15 +40,40 @@ class LLMParams(Params):
     reask: int = Field(1, ge=0, description="re-asks after an invalid output")
     annotations: str | None = Field(None, description="Parquet of url, objects [{category, color, box}] (+ width, "
                                     "height when boxes are in pixels): LLaVA's boxes")
+    vllm: VLLMEngine | None = Field(None, description="engine arguments for backend vllm (dtype, max_model_len, "
+                                    "gpu_memory_utilization, tensor_parallel_size, limit_mm_per_prompt, ...)")
+
+    @model_validator(mode="after")
+    def _vllm_settings(self):
+        if self.backend == "vllm" and "model" not in self.model_fields_set:
+            raise ValueError("backend vllm needs `model`: a checkpoint folder (or a name in the local HF cache)")
+        if self.vllm is not None and self.backend != "vllm":
+            raise ValueError(f"`vllm` engine settings are for backend vllm, not {self.backend}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_vllm(self, handler):
+        """Without engine settings the dump (and so the stage's config hash) is what it was before backend vllm."""
+        data = handler(self)
+        if self.vllm is None:
+            data.pop("vllm", None)
+        return data
+
+    @property
+    def in_process_model(self) -> bool:
+        """Whether a worker holds the model itself (then the stage runs as an actor pool, the engine built once each)."""
+        return self.backend == "vllm"
 
     def prompt_dir(self, task: str) -> Path:
         return Path(self.prompts) if self.prompts else PROMPTS / task
 
 
 def cache_path(params: LLMParams) -> Path:
-    from curation.concepts import default_cache_dir
+    if params.cache:
+        return Path(params.cache)
+    from curation.concepts import default_cache_dir  # imports faiss: a vLLM worker with `cache` set needs none
 
-    return Path(params.cache) if params.cache else default_cache_dir() / "llm.sqlite"
+    return default_cache_dir() / "llm.sqlite"
 
 
 @dataclass
@@ -95,18 +123,25 @@ class Outcome:
 
 
 class LLMClient:
-    """The openai backend behind the request cache; usage is kept per part for the stage report."""
+    """The openai or vllm backend behind the request cache; usage is kept per part for the stage report."""
 
     def __init__(self, params: LLMParams):
         from curation.synth.cache import RequestCache
-        from curation.synth.openai_backend import OpenAIBackend
 
         self.params = params
-        self.backend = OpenAIBackend(params.base_url, params.model, params.api_key_env, params.concurrency,
-                                     params.timeout, params.max_retries, params.price_per_1k_prompt,
-                                     params.price_per_1k_completion)
+        if params.backend == "vllm":
+            from curation.synth.vllm_backend import VLLMBackend
+
+            self.backend = VLLMBackend(params.model, params.vllm)
+        else:
+            from curation.synth.openai_backend import OpenAIBackend
+
+            self.backend = OpenAIBackend(params.base_url, params.model, params.api_key_env, params.concurrency,
+                                         params.timeout, params.max_retries, params.price_per_1k_prompt,
+                                         params.price_per_1k_completion)
         self.cache = RequestCache(cache_path(params))
         self.cached = 0
+        self._reported: dict = {}
 
     def outcomes(self, prompt: PromptSet, keys: list[str], messages: list[list[dict]], kind: str,
                  lang: str | None = None) -> list[Outcome]:
@@ -143,6 +178,15 @@ class LLMClient:
 
     def usage(self) -> dict:
         return {**self.backend.stats(), "cached": self.cached}
+
+    def part_usage(self) -> dict:
+        """Usage since the last call: an actor's client serves many parts, and the stage report sums the parts."""
+        now, before = self.usage(), self._reported
+        self._reported = now
+        delta = {k: (round(v - before.get(k, 0), 6) if isinstance(v, (int, float)) else v) for k, v in now.items()}
+        old = before.get("failures", {})
+        delta["failures"] = {r: n - old.get(r, 0) for r, n in now["failures"].items() if n > old.get(r, 0)}
+        return delta
 
     def close(self) -> None:
         self.cache.close()

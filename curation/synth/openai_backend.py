@@ -101,6 +101,17 @@ def _retryable(reason: str) -> bool:
     return reason != "bad_request"
 
 
+
+def count_result(stats: Counter, failures: Counter, result: Result) -> None:
+    """Add one result to a backend's usage counters (shared by the openai and vllm backends)."""
+    stats["requests"] += 1
+    if result.ok:
+        stats["successes"] += 1
+        stats["prompt_tokens"] += result.usage.prompt_tokens
+        stats["completion_tokens"] += result.usage.completion_tokens
+    else:
+        failures[result.error_reason] += 1
+
 class OpenAIBackend:
     """Chat completions from an OpenAI-compatible endpoint; the API key is read from the env when a run starts."""
 
@@ -172,14 +183,8 @@ class OpenAIBackend:
 
     def _count(self, result: Result) -> None:
         """Add one result to the run's usage."""
-        self._stats["requests"] += 1
         self._stats["retries"] += max(result.attempts - 1, 0)
-        if result.ok:
-            self._stats["successes"] += 1
-            self._stats["prompt_tokens"] += result.usage.prompt_tokens
-            self._stats["completion_tokens"] += result.usage.completion_tokens
-        else:
-            self._failures[result.error_reason] += 1
+        count_result(self._stats, self._failures, result)
 
     async def generate(self, requests: list[Request],
                        on_result: Callable[[Result], None] | None = None) -> list[Result]:

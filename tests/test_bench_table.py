@@ -1,0 +1,32 @@
+"""`make bench` runs every benchmark and prints one table with each issue's figures (here at smoke sizes)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+FIGURES = {  # issue -> figures the issue asked for (a substring of each row's figure)
+    2: ["ingest", "near-dup grouping", "peak RSS of the grouping"],
+    3: ["balance", "match_concepts stage", "embed stage"],
+    4: ["openai backend"],
+    5: ["packing fill", "samples, s", "useful tokens/s"],
+}
+
+
+@pytest.mark.slow
+def test_make_bench_prints_one_table_with_every_figure():
+    p = subprocess.run([sys.executable, "bench/run_all.py", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in p.stdout.splitlines() if re.match(r"\| \d \|", ln)]
+    assert rows and all(len(r) == 7 for r in rows)
+    for issue, wanted in FIGURES.items():
+        figures = [r[1] for r in rows if r[0] == str(issue)]
+        for w in wanted:
+            assert any(w in f for f in figures), f"issue {issue}: no row for {w!r} in {figures}"
+    goals = [r for r in rows if r[5].strip()]
+    assert goals and all(r[6] in ("met", "**not met**") for r in goals)  # every goal is judged
+    assert "FAILED" not in p.stdout

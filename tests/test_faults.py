@@ -1,0 +1,169 @@
+"""Faults: kill -9 during generation and between stages, a full disk, an unwritable run dir; then the same rows."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from curation.config import load_pipeline
+from curation.runner import run_pipeline
+from curation.store import StageDir
+from tests.conftest import ROOT, kill_ray_started_with
+from tests.faults_util import DEMO, kill_when, markers, snapshot
+
+UPSTREAM = ["ingest", "dedup", "filter", "embed", "match_concepts", "balance"]
+SYNTH = ["recaption", "conversation", "detail", "reasoning", "short_answer"]
+
+
+def _llm(url: str, cache: Path) -> list[str]:
+    """The conversation stage on the openai backend, against the loopback server, with its own request cache."""
+    return ["conversation.backend=openai", f"conversation.base_url={url}", "conversation.model=fake-llm",
+            "conversation.api_key_env=UNSET_TEST_KEY", "conversation.concurrency=4", f"conversation.cache={cache}"]
+
+
+@pytest.mark.slow
+def test_kill_during_generation_resumes_without_paying_twice(reference, tmp_path):
+    from curation.fixtures.llm_server import LLMServer
+    from curation.synth.cache import RequestCache
+
+    with LLMServer(latency=0.3) as server:
+        ref = reference.copy(tmp_path / "ref", UPSTREAM + SYNTH)  # a finished run whose conversation stage changes
+        run_pipeline(load_pipeline(DEMO, [*reference.overrides, *_llm(server.url, tmp_path / "ref.sqlite")]), ref)
+        paid = server.calls  # requests an uninterrupted run sends
+
+        server.reset_counts()
+        run = reference.copy(tmp_path / "run", UPSTREAM + SYNTH)
+        cache = tmp_path / "run.sqlite"
+        overrides = [*reference.overrides, *_llm(server.url, cache)]
+        # killed with requests in flight, once a part of the stage is committed
+        kill_when(run, overrides, lambda: len(markers(run, "conversation")) >= 1 and server.in_flight > 0)
+        assert not (run / "conversation" / "_manifest.json").exists(), "the stage finished before the kill"
+        sent = server.calls
+        answered = len(RequestCache(cache))  # answers committed before the kill
+        assert 0 < answered < paid and sent >= answered
+
+        server.reset_counts()
+        manifests = run_pipeline(load_pipeline(DEMO, overrides), run)
+        print(f"requests: {paid} uninterrupted; {sent} before the kill, {answered} committed; {server.calls} on resume")
+        assert server.calls == paid - answered  # every committed answer is reused, only the rest is sent
+        assert manifests["conversation"]["status"] == "complete"
+    assert snapshot(run) == snapshot(ref)
+    assert snapshot(run, UPSTREAM) == {s: reference.rows[s] for s in UPSTREAM}
+
+
+@pytest.mark.slow
+def test_kill_between_stages_resumes_at_the_next_stage(reference, tmp_path):
+    run = reference.copy(tmp_path / "run", UPSTREAM)  # a run killed after balance, resumed: it goes on at recaption
+    kill_when(run, reference.overrides, lambda: (run / "recaption" / "_manifest.json").exists())
+    assert json.loads((run / "recaption" / "_manifest.json").read_text())["status"] == "complete"
+    assert not markers(run, "conversation"), "the kill came after the next stage had begun"
+    log: list[tuple] = []
+    manifests = run_pipeline(load_pipeline(DEMO, reference.overrides), run, progress=lambda *a: log.append(a))
+    phases = {s: p for s, _, _, p in log}
+    assert phases["recaption"] == "skipped" and phases["conversation"] == "process"
+    assert all(m["status"] == "complete" for m in manifests.values())
+    assert snapshot(run) == reference.rows
+
+
+def _parts_are_sound(run: Path) -> None:
+    """No temp file left; every committed part's files match its marker; every part file reads."""
+    assert not list(run.rglob(".*.tmp-*")), "a partial temp file was left behind"
+    for marker in run.glob("*/_parts/process/*.json"):
+        m, stage = json.loads(marker.read_text()), marker.parents[2]
+        assert hashlib.sha256((stage / f"{marker.stem}.parquet").read_bytes()).hexdigest() == m["sha256"]
+        assert hashlib.sha256((stage / "rejects" / f"{marker.stem}.parquet").read_bytes()).hexdigest() == m["rejects_sha256"]
+    for part in run.glob("*/part-*.parquet"):
+        pq.read_table(part)
+
+
+def _curate(run: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """`curate run` as a user runs it (wide console: the message is asserted on one line)."""
+    cmd = [sys.executable, "-m", "curation.cli", "run", str(DEMO), "--run-dir", str(run)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "COLUMNS": "1000", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-f-")}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        kill_ray_started_with(env["RAY_TMPDIR"])
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A 64 MiB tmpfs (shrunk by the test), unmounted afterwards; skipped where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    try:
+        _mount("-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt))
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {getattr(e, 'stderr', e)}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_full_disk_then_read_only_disk_fail_clearly_and_the_fixed_rerun_matches(reference, disk, tmp_path):
+    run = reference.copy(disk / "run", UPSTREAM[:3])  # ingest, dedup and filter done; embed onward still to write
+    used = os.statvfs(disk)
+    used = (used.f_blocks - used.f_bfree) * used.f_frsize
+    _mount("-o", f"remount,size={used + 700 * 1024}", str(disk))  # room for embed and match_concepts, not balance
+
+    res = _curate(run, reference.overrides)
+    err = res.stdout + res.stderr
+    assert res.returncode == 2, err[-3000:]
+    assert "No space left on device" in err and "the disk is full" in err and str(run) in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    incomplete = [s for s in UPSTREAM + SYNTH if (StageDir(run, s).manifest() or {}).get("status") != "complete"]
+    assert incomplete[0] in UPSTREAM[3:], incomplete  # it filled up after filter, before the synthesis stages
+    _parts_are_sound(run)
+
+    _mount("-o", "remount,ro", str(disk))
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    res = _curate(run, reference.overrides)
+    err = res.stdout + res.stderr
+    assert res.returncode == 2 and "Read-only file system" in err and str(run) in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+    _mount("-o", "remount,rw,size=64m", str(disk))  # the problem fixed: the rerun resumes and matches
+    manifests = run_pipeline(load_pipeline(DEMO, reference.overrides), run)
+    assert all(m["status"] == "complete" for m in manifests.values())
+    assert snapshot(run) == reference.rows
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
+def test_unwritable_run_dir_is_a_clear_error(tmp_path, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a directory")
+    run = blocker / "run" if where == "under_a_file" else blocker
+    res = _curate(run, [])
+    err = res.stdout + res.stderr
+    assert res.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and str(run) in err and "not a directory" in err.lower(), err[-3000:]
+    assert blocker.read_text() == "a file, not a directory"
+
+
+def test_a_write_that_fills_the_disk_leaves_no_temp_file_and_says_so(disk):
+    from curation.store import atomic_write_bytes, storage_error
+
+    _mount("-o", "remount,size=256k", str(disk))
+    atomic_write_bytes(disk / "small.bin", b"x" * 1000)
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(disk / "part" / "big.bin", b"x" * 2**20)
+    assert "No space left on device" in storage_error(e.value) and str(disk / "part" / "big.bin") in storage_error(e.value)
+    assert sorted(p.name for p in disk.rglob("*") if p.is_file()) == ["small.bin"]
+    assert storage_error(ValueError("bad row")) is None and storage_error(FileNotFoundError(2, "gone", "x")) is None
