@@ -44,6 +44,7 @@ class TrainConfig(BaseModel):
     system: str | None = None  # system message for the chat template
     max_len: int = Field(4096, ge=8)
     packing: bool = True  # false: one sample per row, padded to the longest row of the batch (the baseline)
+    pack_method: Literal["gap_aware", "bfd"] = "gap_aware"  # trainer.pack: gap-aware best fit, or plain BFD
     rows_per_step: int = Field(8, ge=1, description="packed rows per optimizer step")
     micro_rows: int | None = Field(None, ge=1, description="rows per forward (gradient accumulation); default all")
     lr: float | None = Field(None, gt=0)  # default 1e-3 stage 1, 2e-5 stage 2
@@ -69,7 +70,8 @@ class TrainConfig(BaseModel):
 
     def data_key(self) -> dict:
         """The fields the packed data depends on (a change rebuilds out/packed)."""
-        return {k: getattr(self, k) for k in ("shards", "lm", "vision", "template", "system", "max_len", "packing")}
+        return {k: getattr(self, k) for k in ("shards", "lm", "vision", "template", "system", "max_len", "packing",
+                                           "pack_method")}
 
 
 class ConfigError(ValueError):

@@ -82,11 +82,12 @@ def encode_all(files: list[Path], tokenizer, template: str, image_tokens: int, m
 
 
 def build_packed(shards, out_dir: str | Path, tokenizer, template: str, image_tokens: int, max_len: int,
-                 packing: bool = True, system: str | None = None, key: dict | None = None) -> dict:
+                 packing: bool = True, system: str | None = None, key: dict | None = None,
+                 method: str = "gap_aware") -> dict:
     """Write packed shards to `out_dir` (reused when built for the same key and shard files); return the report."""
     out_dir, files = Path(out_dir), resolve_shards(shards)
     digest = _key_hash({**(key or {}), "template": template, "image_tokens": image_tokens, "max_len": max_len,
-                        "packing": packing, "system": system}, files)
+                        "packing": packing, "system": system, "method": method}, files)
     report_path = out_dir / "_report.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())
@@ -96,7 +97,7 @@ def build_packed(shards, out_dir: str | Path, tokenizer, template: str, image_to
     ids = [s["id"] for s in samples]
     lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
     if packing:
-        res = pack(ids, lengths, max_len)
+        res = pack(ids, lengths, max_len, method)
         rejects.update(Counter(f"pack_{r}" for _, r, _ in res.rejects))  # pack_too_long: cannot happen after encode
         by_id = {s["id"]: s for s in samples}
         seqs = [[by_id[i] for i in sids] for sids, _ in res.sequences]

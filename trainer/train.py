@@ -194,7 +194,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     processor = AutoImageProcessor.from_pretrained(cfg.vision)
     model = LlavaLite.from_parts(cfg.vision, cfg.lm, seed=cfg.seed)
     report = build_packed(cfg.shards, out / "packed", tokenizer, cfg.template, model.image_tokens, cfg.max_len,
-                          packing=cfg.packing, system=cfg.system, key=cfg.data_key())
+                          packing=cfg.packing, system=cfg.system, key=cfg.data_key(), method=cfg.pack_method)
     if report["rows"] == 0:
         raise ValueError(f"no trainable samples in {cfg.shards}: rejects {report['rejects']}")
     reader = PackedReader(out / "packed", seed=cfg.seed)
