@@ -27,6 +27,7 @@ def test_answers_follow_from_the_boxes():
     qa = {turns[i]["value"].replace("<image>\n", "").split("\n")[0]: turns[i + 1]["value"] for i in range(0, len(turns), 2)}
     assert qa["How many circles are there in the image?"] == "two"
     assert qa["How many stars are there in the image?"] == "one"
+    assert qa["How many shapes are there in the image?"] == "three"  # all objects, whatever their kind
     assert qa["What color is the star?"] == "Blue"
     assert qa["Where is the blue star in the image?"] == "Center"
     assert "What color is the circle?" not in qa  # two circles: the question would be ambiguous
@@ -42,6 +43,8 @@ def test_answers_follow_from_the_boxes():
 def _oracle(question: str) -> str:
     """The right short answer computed straight from OBJECTS."""
     names = [f"{o['color']} {o['category']}" for o in OBJECTS]
+    if question.startswith("How many shapes are there"):
+        return ["zero", "one", "two", "three"][len(OBJECTS)]
     if m := re.match(r"How many (\w+?)s are there", question):
         return ["zero", "one", "two", "three"][sum(o["category"] == m[1] for o in OBJECTS)]
     if m := re.match(r"How many (\w+ \w+?)s can you see", question):

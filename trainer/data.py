@@ -26,8 +26,24 @@ def shard_files(src: str | Path | Sequence[str | Path]) -> list[Path]:
     return [Path(p) for p in ([src] if isinstance(src, (str, Path)) else src)]
 
 
-def pixels(processor: Callable, image: Image.Image) -> torch.Tensor:
-    """Pixel tensor [C, H, W] from an image processor callable (a torchvision transform or an HF image processor)."""
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's `expand2square`: centre the image on a square of its longer side, filled with `fill`."""
+    w, h = image.size
+    if w == h:
+        return image
+    out = Image.new(image.mode, (max(w, h),) * 2, fill)
+    out.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return out
+
+
+def pixels(processor: Callable, image: Image.Image, pad: bool = True) -> torch.Tensor:
+    """Pixel tensor [C, H, W] from an image processor callable (a torchvision transform or an HF image processor).
+
+    pad: first pad to a square in the processor's mean colour (LLaVA-1.5's `image_aspect_ratio: pad`), so a
+    centre-cropping processor keeps the whole image: an object near the long side's edge is still there to count."""
+    if pad:
+        mean = getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        image = pad_to_square(image, tuple(int(255 * m) for m in mean[:3]))
     out = processor(image)
     if hasattr(out, "keys") and "pixel_values" in out:
         out = out["pixel_values"]

@@ -45,6 +45,10 @@ def _facts(objects: list[dict], vocab: dict[str, list[str]], rng: random.Random)
     facts = []
     by_cat = Counter(o["category"] for o in objects)
     by_name = Counter(name(o) for o in objects)
+    n = len(objects)
+    facts.append(("How many shapes are there in the image?", number(n),
+                  f"There {'is' if n == 1 else 'are'} {number(n)} {plural('shape', n)} in the image.",
+                  [number(k) for k in range(1, 6) if k != n]))
     for cat, n in by_cat.items():
         facts.append((f"How many {plural(cat, 2)} are there in the image?", number(n),
                       f"There {'is' if n == 1 else 'are'} {number(n)} {plural(cat, n)} in the image.",
