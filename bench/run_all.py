@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (what the test runs): the table's wiring, not figures")
     args = ap.parse_args()
     chosen = [b for b in BENCHES if not args.only or b.name in args.only.split(",")]
-    rows, notes, total = [], [], 0.0
+    rows, notes, total, load = [], [], 0.0, os.getloadavg()[0]
     for b in chosen:
         cmd = " ".join([b.path().name, *(b.smoke if args.smoke else b.args)])
         print(f"running {cmd} ...", file=sys.stderr, flush=True)
@@ -203,7 +203,8 @@ def main() -> None:
         notes.append(f"`{cmd}` {secs:.0f} s" + (f" FAILED: {err}" if err else ""))
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"{BEGIN}\n## Latest `make bench` ({when})\n\nMachine: {machine()}. Command: `make bench` "
-            f"(`python bench/run_all.py --write`), {total / 60:.1f} min in all. Ratios are against the baseline "
+            f"(`python bench/run_all.py --write`), {total / 60:.1f} min in all, load average (1 min) {load:.1f} at the start and "
+            f"{os.getloadavg()[0]:.1f} at the end. Ratios are against the baseline "
             f"each script runs side by side; sizes are `make bench`'s (the sections below have the full-size runs).\n\n"
             f"{table(rows)}\n\nRuns: " + "; ".join(notes) + f"\n{END}")
     print(text)
