@@ -55,7 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--latency", type=float, default=0.2, help="server latency L in seconds")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[32, 64], help="client concurrency C")
-    ap.add_argument("--n", type=int, default=2000, help="requests per run")
+    ap.add_argument("--n", type=int, default=1920, help="requests per run (a multiple of C: no part-filled last round)")
     ap.add_argument("--transport", default="aiohttp", choices=["httpx", "aiohttp"],
                     help="the SDK's HTTP client (aiohttp needs `openai[aiohttp]`)")
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")

@@ -134,7 +134,7 @@ BENCHES = [
     Bench("match", ["--rounds", "1", "--nprobe", "8"], match,
           ["--concepts", "5000", "--dim", "64", "--queries", "200", "--clusters", "50", "--nlist", "16", "--rounds", "1"]),
     Bench("embed", ["--n", "256", "--rounds", "2"], embed, ["--n", "8", "--rounds", "1", "--batch-size", "8"]),
-    Bench("openai", ["--n", "2000", "--concurrency", "32", "64"], openai, ["--n", "100", "--concurrency", "16"]),
+    Bench("openai", ["--n", "1920", "--concurrency", "32", "64"], openai, ["--n", "100", "--concurrency", "16"]),
     Bench("pack", [], pack, ["--n", "20000", "--sample", "2000"]),
     Bench("train", [], train, ["--n", "32", "--max-len", "512"]),
 ]

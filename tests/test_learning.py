@@ -57,9 +57,10 @@ def test_question_parsing():
         {"from": "gpt", "value": "Red"},
         {"from": "human", "value": "How many circles are there in the image?\nAnswer briefly."},
         {"from": "gpt", "value": "two"},
+        {"from": "human", "value": "How many shapes are there in the image?"}, {"from": "gpt", "value": "three"},
         {"from": "human", "value": "Where is the red star in the image?"}, {"from": "gpt", "value": "Top"}]}]
     qs = questions(rows)
-    assert [(q.type, q.answer) for q in qs] == [("colour", "Red"), ("count", "two")]
+    assert [(q.type, q.answer) for q in qs] == [("colour", "Red"), ("count", "two"), ("count_total", "three")]
     assert "<image>" not in qs[0].text and qs[0].text.endswith("single word.")
     assert question_type("Is there a red star?") is None
     train = [Question("u", "count", "q", a, b"") for a in ("one", "two", "one", "three")]
@@ -76,12 +77,14 @@ def test_held_out_images_were_never_trained_on(result):
 @pytest.mark.slow
 def test_pipeline_data_trains_and_is_scored_against_both_bars(result):
     """Scores on held-out pipeline questions with both bars; the learning claim itself does not hold here (see
-    bench/RESULTS.md: the random frozen tower gives the model nothing to read colours or counts from)."""
-    assert set(result["questions"]) == {"colour", "count"}
-    colour, count = result["questions"]["colour"], result["questions"]["count"]
+    bench/RESULTS.md: at this budget the model answers from the question text, image and blank scores equal)."""
+    assert set(result["questions"]) == {"colour", "count_total", "count"}
+    colour, total, count = (result["questions"][k] for k in ("colour", "count_total", "count"))
     assert colour["n"] >= 30 and set(colour["candidates"]) >= {"Red", "Green", "Blue", "Yellow"}
-    assert count["candidates"][0] == "one" and count["majority_rate"] > 0.8  # the rules' counts are mostly one
-    for r in (colour, count):
+    assert total["n"] >= 30 and set(total["candidates"]) >= {"one", "two", "three", "four"}
+    assert total["majority_rate"] < 0.5  # all-shape counts are spread; per-category counts are mostly one
+    assert count["candidates"][0] == "one" and count["majority_rate"] > 0.8
+    for r in (colour, total, count):
         assert r["uniform_chance"] == pytest.approx(1 / len(r["candidates"]))
         assert 0 <= r["blank_accuracy"] <= 1 and 0 <= r["accuracy"] <= 1
 

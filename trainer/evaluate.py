@@ -21,9 +21,12 @@ from trainer.data import pixels
 from trainer.model import IGNORE_INDEX, LlavaLite
 from trainer.template import encode
 
-# Question types by the rules backend's wording (curation/synth/rules.py): "What color is the square?",
-# "How many circles are there in the image?" / "How many red stars can you see?".
-QUESTION_TYPES = {"colour": re.compile(r"^What colou?r is the "), "count": re.compile(r"^How many ")}
+# Question types by the rules backend's wording (curation/synth/rules.py): "What color is the square?";
+# "How many shapes are there in the image?" (all objects: answers spread one to four) apart from the per-category
+# "How many circles are there in the image?" / "How many red stars can you see?" (mostly "one").
+QUESTION_TYPES = {"colour": re.compile(r"^What colou?r is the "),
+                  "count_total": re.compile(r"^How many shapes are there "),
+                  "count": re.compile(r"^How many (?!shapes are there )")}
 BLANK_RGB = (128, 128, 128)
 
 
