@@ -91,6 +91,7 @@ def test_loopback_spellings_and_file_urls_are_refused_by_default(ray_session, si
     server, secret = site
     before = dict(server.requests)
     urls = [f"http://{h}:{server.port}/files/a.jpg" for h in [*LOOPBACK_SPELLINGS, "[::1]"]]
+    urls += [f"HTTP://127.0.0.1:{server.port}/files/c.jpg"]  # schemes are case-insensitive: it reaches the guard
     urls += [secret.as_uri(), f"http://127.0.0.1:{server.port}/redirect?to=/files/b.jpg"]
     m, out, rej = _ingest(tmp_path, urls)
     assert out.height == 0

@@ -119,7 +119,8 @@ class Ingest(Op):
         url = rows.column("url")
         repeat = rows.column("repeat")
         no_url = pc.fill_null(pc.equal(pc.utf8_length(url), 0), True)
-        bad_scheme = pc.invert(pc.fill_null(pc.or_(pc.starts_with(url, _SCHEMES[0]), pc.starts_with(url, _SCHEMES[1])), False))
+        low = pc.utf8_lower(url)  # schemes are case-insensitive (RFC 3986): HTTP://... is fetched
+        bad_scheme = pc.invert(pc.fill_null(pc.or_(pc.starts_with(low, _SCHEMES[0]), pc.starts_with(low, _SCHEMES[1])), False))
         rejects = [
             make_rejects(rows.filter(repeat), self.stage, "duplicate_input_row", "same url and caption as an earlier row"),
             make_rejects(rows.filter(pc.and_(pc.invert(repeat), no_url)), self.stage, "missing_url"),
