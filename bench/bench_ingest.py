@@ -8,7 +8,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,12 +20,6 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback only
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 COMMON = {"image_size": 256, "resize_mode": "keep_ratio_largest", "thread_count": 64, "shard": 1000}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def img2dataset_cli(urls: Path, out: Path) -> tuple[float, int, float]:
@@ -70,7 +63,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     COMMON["shard"] = args.shard
-    from curation.fixtures.serve import WebServer
+    from curation.fixtures.serve import WebServer, free_port
     from curation.fixtures.web import make_web
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))

@@ -42,14 +42,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas import Instruction, arrow_schema  # noqa: E402
 from trainer.model import LlavaLite  # noqa: E402
 from trainer.packed import PackedReader, build_packed, collate  # noqa: E402
-from trainer.tiny import default_corpus, make_tiny_tokenizer, make_tiny_vision  # noqa: E402
+from trainer.tiny import default_corpus, make_tiny_lm, make_tiny_tokenizer, make_tiny_vision  # noqa: E402
 
 MIX = [("short_vqa", 0.35, 15, 50, 1), ("caption", 0.20, 25, 75, 1), ("conversation", 0.20, 75, 375, 1),
        ("detail", 0.10, 50, 150, 1), ("text_only", 0.15, 12, 875, 0)]
@@ -81,13 +81,7 @@ def make_models(root: Path, hidden: int, layers: int, seed: int = 0) -> dict[str
     """Tiny tokenizer + vision tower (trainer.tiny) and a random Llama of hidden x layers, saved as HF folders."""
     tokenizer = make_tiny_tokenizer(root / "lm")
     make_tiny_vision(root / "vision", seed=seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=max(4, hidden // 64), num_key_value_heads=max(4, hidden // 64),
-        max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(str(root / "lm"))
+    make_tiny_lm(root / "lm", tokenizer, seed=seed, hidden=hidden, layers=layers)
     return {"lm": root / "lm", "vision": root / "vision"}
 
 

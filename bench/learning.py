@@ -50,10 +50,9 @@ def make_data(workdir: Path, n_urls: int, web_seed: int) -> tuple[list[dict], li
     import pyarrow.parquet as pq
 
     from curation.config import parse_pipeline
-    from curation.fixtures.serve import WebServer
+    from curation.fixtures.serve import WebServer, free_port
     from curation.fixtures.web import make_web
     from curation.runner import run_pipeline
-    from tests.conftest import free_port
 
     web, run = workdir / "web", workdir / "run"
     make_web(web, n=n_urls, port=free_port(), seed=web_seed)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -147,12 +146,6 @@ def view(run_dir: Path, port: int = typer.Option(8766, "--port", help="port on 1
         _fail(str(e))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def demo_assets(out: Path, urls: Path) -> tuple[Path, Path]:
     """The demo's tiny CLIP weights and its small vocabulary (frequent words, numbers, caption bigrams), made once."""
     import pyarrow.parquet as pq
@@ -188,7 +181,7 @@ def demo(
 ):
     """Make the fixture web, serve it on 127.0.0.1, run the demo pipeline, print the run dir."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local demo: Ray on loopback only
-    from curation.fixtures.serve import WebServer
+    from curation.fixtures.serve import WebServer, free_port
     from curation.fixtures.web import make_web
 
     web = out / "web"

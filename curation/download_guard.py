@@ -179,26 +179,25 @@ class _Fetch:
                 raise GuardError("too_large", f"body over {cap} bytes (stopped reading)")
 
 
-class _GuardedHTTP(HTTPConnection):
+class _Guarded:
+    """Connects through the fetch's checked address and lets it see the socket (mixed into http.client's classes)."""
+
     def __init__(self, *args, fetch: _Fetch, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._fetch = fetch
         self._create_connection = fetch.connect
 
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # for HTTPS: TLS with SNI and certificate checks for the URL's host name
         self._fetch.sock = self.sock
 
 
-class _GuardedHTTPS(HTTPSConnection):
-    def __init__(self, *args, fetch: _Fetch, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._fetch = fetch
-        self._create_connection = fetch.connect
+class _GuardedHTTP(_Guarded, HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()  # TLS with SNI and certificate checks for the URL's host name
-        self._fetch.sock = self.sock
+
+class _GuardedHTTPS(_Guarded, HTTPSConnection):
+    pass
 
 
 class _HTTP(urllib.request.HTTPHandler):

@@ -3,23 +3,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from curation.fixtures.serve import free_port  # noqa: F401 - tests import it from here
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on 127.0.0.1 only: tests talk to loopback alone
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_ray_started_with(tmp: str) -> None:

@@ -22,19 +22,12 @@ import pytest
 from PIL import Image, UnidentifiedImageError
 
 from curation.fixtures.photos import real_photos
-from curation.fixtures.serve import WebServer
+from curation.fixtures.serve import WebServer, free_port
 from curation.fixtures.web import (BROKEN_VARIANTS, NEAR_VARIANTS, TRUTH_SCHEMA, URLS_SCHEMA,
                                    make_web)
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore proxy settings
 CAPTION_KINDS = {"clean", "short", "boilerplate", "missing", "long", "non_english"}
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fetch(url: str) -> tuple[int, str | None, bytes]:

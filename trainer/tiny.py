@@ -85,11 +85,12 @@ def make_tiny_tokenizer(out_dir: str | Path, texts: list[str] | None = None,
 
 
 def make_tiny_lm(out_dir: str | Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0,
-                 hidden: int = 64) -> LlamaForCausalLM:
-    """Create a random 2-layer Llama sized to `tokenizer` and save it as safetensors."""
+                 hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
+    """Create a random Llama (hidden x layers, heads of hidden/4 up to 64) sized to `tokenizer`; save as safetensors."""
+    heads = max(4, hidden // 64)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
