@@ -115,6 +115,19 @@ def train(d: list[dict]) -> list[Row]:
             for side, ratio in r["ratio_vs_padded"].items() if side != "padded"]
 
 
+def learning(d: list[dict]) -> list[Row]:
+    r = d[-1]
+    rows = []
+    for kind, q in r["questions"].items():
+        bar, need = max(q["majority_rate"], q["blank_accuracy"]), r["margin"].get(kind)
+        rows.append(Row(5, f"held-out {kind} accuracy, tiny model trained on pipeline data ({r['urls']:,} URLs, "
+                           f"{r['steps']} steps, n = {q['n']})", f"{q['accuracy']:.3f}",
+                        f"{q['majority_rate']:.3f} majority; {q['blank_accuracy']:.3f} blank images",
+                        f"{q['accuracy'] - bar:+.3f}", f">= +{need} over both" if need else "",
+                        q["accuracy"] >= bar + need if need else None))
+    return rows
+
+
 @dataclass
 class Bench:
     name: str
@@ -137,6 +150,7 @@ BENCHES = [
     Bench("openai", ["--n", "1920", "--concurrency", "32", "64"], openai, ["--n", "100", "--concurrency", "16"]),
     Bench("pack", [], pack, ["--n", "20000", "--sample", "2000"]),
     Bench("train", [], train, ["--n", "32", "--max-len", "512"]),
+    Bench("learning", [], learning, ["--urls", "100", "--steps", "5"], script="learning.py"),
 ]
 
 

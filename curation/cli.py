@@ -369,11 +369,16 @@ def fixtures_web(
     n: int = typer.Option(1000, help="URL rows"),
     port: int = typer.Option(8765, help="port the URLs point at (serve on the same)"),
     seed: int = typer.Option(0),
+    scenes: str = typer.Option("web", help="web: patterned scenes of 1-4 shapes; simple: 1-3 larger shapes on "
+                               "white, square (what a tiny vision tower can learn from)"),
 ):
     """Write a synthetic web: images, captions, duplicates, broken items, urls.parquet and truth.parquet."""
     from curation.fixtures.web import make_web
 
-    summary = make_web(out, n=n, port=port, seed=seed)
+    try:
+        summary = make_web(out, n=n, port=port, seed=seed, scenes=scenes)
+    except ValueError as e:
+        _fail(str(e))
     print(json.dumps(summary, indent=2))
 
 

@@ -13,7 +13,8 @@ FIGURES = {  # issue -> figures the issue asked for (a substring of each row's f
     2: ["ingest", "near-dup grouping", "peak RSS of the grouping"],
     3: ["balance", "match_concepts stage", "embed stage"],
     4: ["openai backend"],
-    5: ["packing fill", "samples (llava15), s", "useful tokens/s, packed varlen vs padded"],
+    5: ["packing fill", "samples (llava15), s", "useful tokens/s, packed varlen vs padded", "held-out colour accuracy",
+        "held-out count_total accuracy"],
 }
 
 

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from curation.fixtures.photos import real_photos
 from curation.fixtures.serve import WebServer, free_port
-from curation.fixtures.web import (BROKEN_VARIANTS, NEAR_VARIANTS, TRUTH_SCHEMA, URLS_SCHEMA,
+from curation.fixtures.web import (BROKEN_VARIANTS, NEAR_VARIANTS, TRUTH_SCHEMA, URLS_SCHEMA, _overlap,
                                    make_web)
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore proxy settings
@@ -166,6 +166,31 @@ def test_small_web_still_has_every_variant(tmp_path):
     (tmp_path / "foreign" / "files").mkdir(parents=True)
     with pytest.raises(FileExistsError):
         make_web(tmp_path / "foreign", 30, 8000)
+
+
+def test_simple_scenes(tmp_path):
+    """scenes='simple': square images, 1-3 non-overlapping shapes of 30-50% of the side on plain white; the same
+    mix of duplicates, broken items and caption noise as the default web."""
+    summary = make_web(tmp_path / "simple", 120, 8000, seed=4, scenes="simple")
+    default = make_web(tmp_path / "default", 120, 8000, seed=4)
+    assert summary["scenes"] == "simple" and "scenes" not in default
+    assert summary["kinds"] == default["kinds"] and summary["variants"] == default["variants"]
+    truth = pq.read_table(tmp_path / "simple" / "truth.parquet").to_pylist()
+    ok = [r for r in truth if r["kind"] == "ok" and min(r["width"], r["height"]) >= 160]
+    assert len(ok) > 60
+    for r in ok:
+        side = r["width"]
+        assert r["height"] == side and 1 <= len(r["objects"]) <= 3
+        boxes = [o["box"] for o in r["objects"]]
+        assert all(0.3 * side - 1 <= b[2] - b[0] <= 0.5 * side for b in boxes)
+        assert all(_overlap(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        im = Image.open(local(SimpleNamespace(root=tmp_path / "simple"), r["url"])).convert("RGB")
+        step = side // 16
+        outside = [(x, y) for x in range(step // 2, side, step) for y in range(step // 2, side, step)
+                   if not any(b[0] - 3 <= x < b[2] + 3 and b[1] - 3 <= y < b[3] + 3 for b in boxes)]
+        assert outside and all(min(im.getpixel(p)) > 225 for p in outside)  # plain white background
+    with pytest.raises(ValueError, match="scenes"):
+        make_web(tmp_path / "bad", 30, 8000, scenes="fancy")
 
 
 def test_request_counter_and_concurrency(web):

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from curation.synth.rules import KINDS, generate, position
+from curation.synth.rules import KINDS, QUESTIONS, generate, position
 
 VOCAB = {"category": ["circle", "square", "star"], "color": ["red", "blue", "green"]}
 OBJECTS = [
@@ -70,3 +70,16 @@ def test_no_objects_and_unknown_kind():
     assert generate("u4", "conversation", [], ["a caption"], VOCAB) == []
     with pytest.raises(ValueError, match="unknown kind"):
         generate("u4", "poetry", OBJECTS, [], VOCAB)
+
+
+def test_max_turns_and_ask_choose_the_questions():
+    every = generate("u7", "short_answer", OBJECTS, [], VOCAB, max_turns=20)
+    picked = generate("u7", "short_answer", OBJECTS, [], VOCAB, max_turns=2, ask=["colour", "count_total"])
+    assert len(picked) == 4 and picked[0]["value"].startswith("<image>\n")
+    asked = [t["value"].replace("<image>\n", "").split("\n")[0] for t in picked[::2]]
+    assert set(asked) == {"What color is the star?", "How many shapes are there in the image?"}
+    assert all(t in every[1::2] for t in picked[1::2])  # same answers as without the filter
+    assert generate("u7", "short_answer", OBJECTS, [], VOCAB) == generate("u7", "short_answer", OBJECTS, [], VOCAB,
+                                                                           ask=QUESTIONS)
+    two_circles = OBJECTS[:2]  # a colour question would be ambiguous: none fits
+    assert generate("u8", "conversation", two_circles, [], VOCAB, ask=["colour"]) == []

@@ -100,3 +100,31 @@ def test_instruction_rows_validate(data):
     table, ann, tmp = data
     _, out, _ = _run(Instruct, InstructParams, tmp, table, backend="rules", kind="conversation", annotations=ann)
     conform(out, Instruction, "test")
+
+
+def test_rules_question_choice_and_no_question_reject(data):
+    table, ann, tmp = data
+    _, out, rej = _run(Instruct, InstructParams, tmp, table, backend="rules", kind="short_answer", annotations=ann,
+                       max_turns=1, ask=["colour"])
+    assert out.num_rows == 10 and rej.column("reason").to_pylist() == ["no_objects"] * 2
+    assert all(len(r["conversations"]) == 2 and "What color is the" in r["conversations"][0]["value"]
+               for r in out.to_pylist())
+    _, out, rej = _run(Instruct, InstructParams, tmp, table, backend="rules", kind="short_answer", annotations=ann,
+                       ask=["count_total"], max_turns=3)
+    assert all(len(r["conversations"]) == 2 for r in out.to_pylist())  # one all-shapes count per image
+    twins = tmp / "twins.parquet"  # two red circles: "What color is the circle?" would be ambiguous
+    pq.write_table(pa.table({"url": table["url"], "width": [64] * 12, "height": [48] * 12, "objects": [
+        [{"category": "circle", "color": "red", "box": [x, 10, x + 10, 20]} for x in (5, 40)]] * 12}), twins)
+    _, out, rej = _run(Instruct, InstructParams, tmp, table, backend="rules", kind="short_answer", annotations=str(twins),
+                       ask=["colour"])
+    assert out.num_rows == 0 and set(rej.column("reason").to_pylist()) == {"no_question"}
+
+
+def test_rules_settings_keep_old_config_hashes_and_need_rules():
+    plain = InstructParams(backend="rules", kind="short_answer")
+    assert "max_turns" not in plain.model_dump() and "ask" not in plain.model_dump() and "vllm" not in plain.model_dump()
+    assert InstructParams(backend="rules", kind="short_answer", max_turns=2).model_dump()["max_turns"] == 2
+    with pytest.raises(ValueError, match="rules backend"):
+        InstructParams(kind="conversation", ask=["colour"])
+    with pytest.raises(ValueError):
+        InstructParams(backend="rules", kind="short_answer", ask=["colour", "shape"])

@@ -5,7 +5,7 @@ import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pyarrow.parquet as pq
 from pydantic import Field, model_serializer, model_validator
@@ -51,12 +51,16 @@ class LLMParams(Params):
             raise ValueError(f"`vllm` engine settings are for backend vllm, not {self.backend}")
         return self
 
+    # Fields added after the first release, left out of the dump while at these defaults: so a stage's config hash
+    # (and so its cached parts) stays what it was before them.
+    LATER_DEFAULTS: ClassVar[dict] = {"vllm": None}
+
     @model_serializer(mode="wrap")
-    def _drop_unset_vllm(self, handler):
-        """Without engine settings the dump (and so the stage's config hash) is what it was before backend vllm."""
+    def _drop_later_defaults(self, handler):
         data = handler(self)
-        if self.vllm is None:
-            data.pop("vllm", None)
+        for key, default in self.LATER_DEFAULTS.items():
+            if key in data and data[key] == default:
+                del data[key]
         return data
 
     @property

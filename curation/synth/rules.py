@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
+from typing import Iterable
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer format prompt
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
@@ -13,6 +14,7 @@ DETAIL_QUESTIONS = [
     "Give a detailed description of the image.", "Explain the contents of the image in detail.",
 ]
 KINDS = ("conversation", "detail_description", "complex_reasoning", "short_answer", "multiple_choice")
+QUESTIONS = ("count_total", "count", "colour", "position", "existence")  # what a templated question asks about
 
 
 def rng_for(uid: str, kind: str) -> random.Random:
@@ -40,39 +42,39 @@ def name(obj: dict) -> str:
     return f"{obj['color']} {obj['category']}" if obj.get("color") else obj["category"]
 
 
-def _facts(objects: list[dict], vocab: dict[str, list[str]], rng: random.Random) -> list[tuple[str, str, str, list[str]]]:
-    """(question, short answer, sentence answer, wrong short answers) about the objects, shuffled."""
+def _facts(objects: list[dict], vocab: dict[str, list[str]], rng: random.Random) -> list[tuple]:
+    """(QUESTIONS entry, question, short answer, sentence answer, wrong short answers) about the objects, shuffled."""
     facts = []
     by_cat = Counter(o["category"] for o in objects)
     by_name = Counter(name(o) for o in objects)
     n = len(objects)
-    facts.append(("How many shapes are there in the image?", number(n),
+    facts.append(("count_total", "How many shapes are there in the image?", number(n),
                   f"There {'is' if n == 1 else 'are'} {number(n)} {plural('shape', n)} in the image.",
                   [number(k) for k in range(1, 6) if k != n]))
     for cat, n in by_cat.items():
-        facts.append((f"How many {plural(cat, 2)} are there in the image?", number(n),
+        facts.append(("count", f"How many {plural(cat, 2)} are there in the image?", number(n),
                       f"There {'is' if n == 1 else 'are'} {number(n)} {plural(cat, n)} in the image.",
                       [number(k) for k in range(1, 6) if k != n]))
     for nm, n in by_name.items():
         if nm in by_cat:
             continue
-        facts.append((f"How many {plural(nm, 2)} can you see?", number(n), f"I can see {number(n)} {plural(nm, n)}.",
+        facts.append(("count", f"How many {plural(nm, 2)} can you see?", number(n), f"I can see {number(n)} {plural(nm, n)}.",
                       [number(k) for k in range(1, 6) if k != n]))
     for o in objects:
         if by_cat[o["category"]] == 1 and o.get("color"):
-            facts.append((f"What color is the {o['category']}?", o["color"].capitalize(), f"The {o['category']} is {o['color']}.",
+            facts.append(("colour", f"What color is the {o['category']}?", o["color"].capitalize(), f"The {o['category']} is {o['color']}.",
                           [c.capitalize() for c in vocab.get("color", []) if c != o["color"]]))
         if by_name[name(o)] == 1:
             where = position(o["box"])
-            facts.append((f"Where is the {name(o)} in the image?", where.capitalize(),
+            facts.append(("position", f"Where is the {name(o)} in the image?", where.capitalize(),
                           f"The {name(o)} is in the {where} part of the image." if where != "center" else f"The {name(o)} is in the center of the image.",
                           [p.capitalize() for p in ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right") if p != where]))
     absent = [f"{c} {k}" if c else k for c in vocab.get("color", [None]) for k in vocab.get("category", []) if f"{c} {k}" not in by_name]
     if absent:
         nm = rng.choice(sorted(absent))
-        facts.append((f"Is there a {nm} in the image?", "No", f"No, there is no {nm} in the image.", ["Yes"]))
+        facts.append(("existence", f"Is there a {nm} in the image?", "No", f"No, there is no {nm} in the image.", ["Yes"]))
     nm = rng.choice(sorted(by_name))
-    facts.append((f"Is there a {nm} in the image?", "Yes", f"Yes, there is {'a' if by_name[nm] == 1 else number(by_name[nm])} {plural(nm, by_name[nm])} in the image.", ["No"]))
+    facts.append(("existence", f"Is there a {nm} in the image?", "Yes", f"Yes, there is {'a' if by_name[nm] == 1 else number(by_name[nm])} {plural(nm, by_name[nm])} in the image.", ["No"]))
     rng.shuffle(facts)
     return facts
 
@@ -109,11 +111,13 @@ def reasoning(objects: list[dict]) -> tuple[str, str]:
 
 
 def generate(uid: str, kind: str, objects: list[dict], captions: list[str], vocab: dict[str, list[str]],
-             short_suffix: str = SHORT_ANSWER, choice_suffix: str = MULTIPLE_CHOICE, max_turns: int = 4) -> list[dict]:
+             short_suffix: str = SHORT_ANSWER, choice_suffix: str = MULTIPLE_CHOICE, max_turns: int = 4,
+             ask: Iterable[str] | None = None) -> list[dict]:
     """LLaVA turns [{'from': 'human'|'gpt', 'value'}] for one image; `<image>` leads the first human turn.
 
     objects: [{'category', 'color' (optional), 'box' [x1, y1, x2, y2] normalised 0-1}]; vocab: the categories and
-    colours questions may ask about (for absent objects and wrong choices). Deterministic in (uid, kind).
+    colours questions may ask about (for absent objects and wrong choices). Question-answer kinds ask at most
+    `max_turns` questions, only of the QUESTIONS types in `ask` (default all). Deterministic in (uid, kind).
     """
     if kind not in KINDS:
         raise ValueError(f"rules backend: unknown kind {kind!r}; one of {KINDS}")
@@ -125,7 +129,8 @@ def generate(uid: str, kind: str, objects: list[dict], captions: list[str], voca
     elif kind == "complex_reasoning":
         pairs = [reasoning(objects)]
     else:
-        facts = _facts(objects, vocab, rng)[:max_turns]
+        wanted = set(QUESTIONS if ask is None else ask)
+        facts = [f[1:] for f in _facts(objects, vocab, rng) if f[0] in wanted][:max_turns]
         if kind == "conversation":
             pairs = [(q, sentence) for q, _, sentence, _ in facts]
         elif kind == "short_answer":
