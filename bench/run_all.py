@@ -115,6 +115,18 @@ def train(d: list[dict]) -> list[Row]:
             for side, ratio in r["ratio_vs_padded"].items() if side != "padded"]
 
 
+def build_packed(d: list[dict]) -> list[Row]:
+    r = d[-1]
+    small, big = r["runs"]
+    g = r["peak_growth_mib"]
+    return [Row(5, f"build_packed peak RSS growth, {small['n']:,} -> {big['n']:,} samples (+{r['image_growth_mib']:,.0f} MiB "
+                   f"of images; files of {r['file_mib']} MiB), MiB", _f(g["stream"], 0),
+                f"{_f(g['memory'], 0)} (every sample in memory)", f"{g['stream'] / max(g['memory'], 1e-9):.2f}x",
+                "", None),
+            Row(5, f"same, peak RSS at {big['n']:,} samples, MiB", _f(big["stream"]["peak_above_start_mib"], 0),
+                _f(big["memory"]["peak_above_start_mib"], 0), f"{r['ratio_at_n']:.2f}x", "", None)]
+
+
 def learning(d: list[dict]) -> list[Row]:
     r = d[-1]
     rows = []
@@ -150,6 +162,7 @@ BENCHES = [
     Bench("openai", ["--n", "1920", "--concurrency", "32", "64"], openai, ["--n", "100", "--concurrency", "16"]),
     Bench("pack", [], pack, ["--n", "20000", "--sample", "2000"]),
     Bench("train", [], train, ["--n", "32", "--max-len", "512"]),
+    Bench("build_packed", [], build_packed, ["--n", "400", "--image-kb", "4", "--file-mib", "1"]),
     Bench("learning", [], learning, ["--urls", "100", "--steps", "5"], script="learning.py"),
 ]
 

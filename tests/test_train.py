@@ -136,6 +136,48 @@ def test_packed_vs_padded_same_loss_less_waste(env, tmp_path):
     assert a["padding_waste"] < b["padding_waste"]
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_build_packed_streams_across_files(env, tmp_path, monkeypatch, packing):
+    """Small packed files and spill buffers: every packed row is what an in-memory assembly of pack()'s order
+    gives, each sample exactly once, no spill left behind."""
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    import trainer.packed as tp
+    from trainer.pack import pack
+
+    monkeypatch.setattr(tp, "ROWS_PER_FILE", 5)
+    monkeypatch.setattr(tp, "FILE_BYTES", 7 * 1000)  # samples here weigh ~300-500 bytes of tokens + a ~100-byte PNG
+    monkeypatch.setattr(tp, "SPILL_BYTES", 3 * 1000)
+    tok = AutoTokenizer.from_pretrained(env["lm"])
+    shards = [env["chat"], env["caption"]]
+    rep = tp.build_packed(shards, tmp_path / "p", tok, "chat", 16, 128, packing=packing)
+    files = tp.resolve_shards(shards)
+    samples = list(tp.encoded(files, tok, "chat", 16, 128, None, Counter()))
+    by_id = {s["id"]: s for s in samples}
+    if packing:
+        res = pack([s["id"] for s in samples], [len(s["input_ids"]) for s in samples], 128)
+        want = [res.ids[a:b].tolist() for a, b in zip(res.offsets[:-1], res.offsets[1:])]
+    else:
+        want = [[s["id"]] for s in samples]
+    got = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "p").glob("packed-*.parquet"))]).to_pylist()
+    assert len(sorted((tmp_path / "p").glob("packed-*.parquet"))) >= max(-(-len(want) // 5), 72 // 7 // 2) > 1
+    assert not list((tmp_path / "p").glob("spill-*")) and rep["rows"] == len(got) == len(want)
+    assert [r["sample_ids"] for r in got] == want and rep["samples"] == len(samples) == 72
+    for r in got:
+        q = [by_id[i] for i in r["sample_ids"]]
+        assert r["lengths"] == [len(s["input_ids"]) for s in q]
+        assert r["input_ids"] == [t for s in q for t in s["input_ids"]]
+        assert r["labels"] == [t for s in q for t in s["labels"]]
+        assert r["images"] == [b for s in q for b in s["images"]]
+    assert rep["longest_row"] == max(sum(r["lengths"]) for r in got) <= 128
+    weight = {s["id"]: 8 * len(s["input_ids"]) + sum(map(len, s["images"])) for s in samples}
+    most = max(sum(weight[i] for i in w) for w in want)
+    for f in (tmp_path / "p").glob("packed-*.parquet"):  # what one file's assembly holds in memory is bounded
+        t = pq.read_table(f, columns=["sample_ids"])
+        assert t.num_rows <= 5 and sum(weight[i] for x in t["sample_ids"].to_pylist() for i in x) < 7000 + most
+
 def test_log_fields_and_rejects(env, tmp_path):
     bad = write_shard(tmp_path / "bad" / "part-00000.parquet", 4, "chat")
     t = pq.read_table(bad).to_pylist()

@@ -1,4 +1,4 @@
-"""Offline packing for training: encode every sample once, pack, write packed shards, read them back resumably.
+"""Offline packing for training: encode the samples, pack, write packed shards (streaming), read them back resumably.
 
 Packed shard layout (`DIR/packed-NNNNN.parquet`, one row per training sequence, rows in packing order):
 
@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import resource
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -35,6 +37,7 @@ from trainer.pack import pack
 from trainer.template import EncodeError, encode
 
 ROWS_PER_FILE = 4096
+FILE_BYTES = 256 << 20  # a packed file ends past this many bytes of samples (tokens and images) or ROWS_PER_FILE rows
 ROW_GROUP = 64
 SCHEMA = pa.schema([
     ("seq_id", pa.string()), ("sample_ids", pa.list_(pa.string())), ("lengths", pa.list_(pa.int32())),
@@ -54,37 +57,137 @@ def _key_hash(key: dict, files: list[Path]) -> str:
     return hashlib.sha256(json.dumps([key, stats], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def encode_all(files: list[Path], tokenizer, template: str, image_tokens: int, max_len: int,
-               system: str | None = None) -> tuple[list[dict], Counter]:
-    """Every trainable sample {id, input_ids, labels, images} of the shards in order, and rejects by reason."""
-    samples, rejects = [], Counter()
+def encoded_batches(files: list[Path], tokenizer, template: str, image_tokens: int, max_len: int,
+                    system: str | None, rejects: Counter) -> Iterator[tuple[list[dict], pa.Array]]:
+    """Per batch of shard rows, in order: the trainable samples {id, input_ids, labels, image} (image: the sample's
+    row in the batch's image column, -1 for none) and that column, the images left in Arrow memory; the other rows
+    are counted in `rejects` by reason."""
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=COLUMNS):
-            for rec in batch.to_pylist():
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=COLUMNS):
+            images, out = batch.column("image"), []
+            for row, (sid, conv) in enumerate(zip(batch.column("id").to_pylist(), batch.column("conversations").to_pylist())):
                 try:
-                    enc = encode(rec["conversations"], tokenizer, template, image_tokens, system, max_len)
+                    enc = encode(conv, tokenizer, template, image_tokens, system, max_len)
                 except EncodeError as e:  # no_labels, too_long, template_mismatch, bad_turns
                     rejects[e.reason] += 1
                     continue
                 if enc.n_images > 1:  # an Instruction row carries one image
                     rejects["image_count"] += 1
                     continue
-                images = []
                 if enc.n_images:
-                    try:
-                        Image.open(io.BytesIO(rec["image"])).size  # header check; decoded at collate time
-                    except Exception:  # noqa: BLE001 - an unreadable image is a reject, not a crash
+                    try:  # header check without copying the bytes; decoded at collate time
+                        Image.open(pa.BufferReader(images[row].as_buffer())).size
+                    except Exception:  # noqa: BLE001 - an unreadable or missing image is a reject, not a crash
                         rejects["bad_image"] += 1
                         continue
-                    images = [rec["image"]]
-                samples.append({"id": rec["id"], "input_ids": enc.input_ids, "labels": enc.labels, "images": images})
-    return samples, rejects
+                out.append({"id": sid, "input_ids": enc.input_ids, "labels": enc.labels,
+                            "image": row if enc.n_images else -1})
+            yield out, images
+
+
+def encoded(files: list[Path], tokenizer, template: str, image_tokens: int, max_len: int, system: str | None,
+            rejects: Counter) -> Iterator[dict]:
+    """Every trainable sample {id, input_ids, labels, images (bytes)} of the shards in order (see encoded_batches)."""
+    for samples, images in encoded_batches(files, tokenizer, template, image_tokens, max_len, system, rejects):
+        for s in samples:
+            yield {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"],
+                   "images": [images[s["image"]].as_py()] if s["image"] >= 0 else []}
+
+
+SPILL = pa.schema([("slot", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                   ("images", pa.list_(pa.binary()))])
+SPILL_BYTES = 256 << 20  # bytes of samples held in memory, over all packed files, before they go to the spill files
+RAW = {"compression": "none", "use_dictionary": False}  # spill files: temporary, written and read once
+
+
+def _file_parts(offsets: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[S] packed file of each sequence: consecutive sequences, a new file past FILE_BYTES of samples (`weights`,
+    in sequence order) or ROWS_PER_FILE rows, so one file's samples bound the memory of its assembly."""
+    seq = np.arange(len(offsets) - 1)
+    before = np.concatenate([[0], np.cumsum(weights)])[offsets[:-1]]  # [S] bytes of the sequences before
+    key = (before // FILE_BYTES) * (len(seq) + 1) + seq // ROWS_PER_FILE  # non-decreasing
+    return np.unique(key, return_inverse=True)[1].reshape(-1) if len(seq) else seq
+
+
+def _spill(batches: Iterator[tuple[list[dict], pa.Array]], slot: np.ndarray, part_of_slot: np.ndarray,
+           tmp: Path) -> None:
+    """Append the k-th sample, under its slot (`slot[k]`; -1: not packed), to the spill file of the packed file it
+    lands in; at most SPILL_BYTES of samples wait in memory, their images never copied out of Arrow."""
+    writers: dict[int, pq.ParquetWriter] = {}
+    buffers: dict[int, list[pa.Table]] = {}
+    waiting, k = 0, 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # one spill file open per packed file
+    need = int(part_of_slot.max(initial=0)) + 256
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else min(need, hard), hard))
+
+    def flush() -> None:
+        for part, tables in buffers.items():
+            if part not in writers:
+                writers[part] = pq.ParquetWriter(tmp / f"spill-{part:05d}.parquet", SPILL, **RAW)
+            writers[part].write_table(pa.concat_tables(tables))
+        buffers.clear()
+        pa.default_memory_pool().release_unused()
+
+    for samples, images in batches:
+        slots = slot[k:k + len(samples)]
+        k += len(samples)
+        by_part: dict[int, list[int]] = {}
+        for j, i in enumerate(slots.tolist()):
+            if i >= 0:  # else rejected by pack
+                by_part.setdefault(int(part_of_slot[i]), []).append(j)
+        for part, js in by_part.items():
+            rows = [samples[j] for j in js]
+            with_image = [s["image"] for s in rows if s["image"] >= 0]
+            table = pa.table({
+                "slot": pa.array(slots[js], pa.int64()),
+                "input_ids": pa.array([s["input_ids"] for s in rows], pa.list_(pa.int32())),
+                "labels": pa.array([s["labels"] for s in rows], pa.list_(pa.int32())),
+                "images": pa.ListArray.from_arrays(
+                    pa.array(np.concatenate([[0], np.cumsum([s["image"] >= 0 for s in rows])]), pa.int32()),
+                    images.take(pa.array(with_image, pa.int64())).cast(pa.binary())),
+            }, schema=SPILL)
+            buffers.setdefault(part, []).append(table)
+            waiting += table.nbytes
+        if waiting >= SPILL_BYTES:
+            flush()
+            waiting = 0
+    flush()
+    for w in writers.values():
+        w.close()
+
+
+def _assemble(spill: pa.Table, first_slot: int, bounds: np.ndarray, ids: list[str], first_seq: int) -> pa.Table:
+    """Packed rows from one file's spill: sequence j holds slots first_slot + bounds[j] .. first_slot + bounds[j+1]."""
+    spill = spill.take(pc.sort_indices(spill["slot"]))
+    if spill.num_rows != bounds[-1] or (spill.num_rows and spill["slot"][0].as_py() != first_slot):
+        raise RuntimeError(f"packed build: spill for slots from {first_slot} holds {spill.num_rows} samples, "
+                           f"expected {bounds[-1]}: the shards changed during the build")
+
+    def per_sequence(col: str) -> pa.ListArray:  # concatenate the samples' lists of each sequence
+        counts = pc.list_value_length(spill[col]).to_numpy(zero_copy_only=False)
+        offsets = np.concatenate([[0], np.cumsum(counts)])[bounds].astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pc.list_flatten(spill[col]).combine_chunks())
+
+    starts = pa.array(bounds.astype(np.int32))
+    lengths = pc.list_value_length(spill["input_ids"]).cast(pa.int32()).combine_chunks()
+    return pa.table({
+        "seq_id": [f"seq-{first_seq + j + 1:08d}" for j in range(len(bounds) - 1)],
+        "sample_ids": pa.ListArray.from_arrays(starts, pa.array(ids, pa.string())),
+        "lengths": pa.ListArray.from_arrays(starts, lengths),
+        "input_ids": per_sequence("input_ids"), "labels": per_sequence("labels"), "images": per_sequence("images"),
+    }, schema=SCHEMA)
 
 
 def build_packed(shards, out_dir: str | Path, tokenizer, template: str, image_tokens: int, max_len: int,
                  packing: bool = True, system: str | None = None, key: dict | None = None,
                  method: str = "gap_aware") -> dict:
-    """Write packed shards to `out_dir` (reused when built for the same key and shard files); return the report."""
+    """Write packed shards to `out_dir` (reused when built for the same key and shard files); return the report.
+
+    Two streaming passes over the shards: the first encodes every sample for its length alone and the lengths are
+    packed; the second encodes again and spills each sample to the spill file of the packed file it lands in; each
+    packed file is then assembled from its own spill. Memory: ids and lengths, plus a few times FILE_BYTES (measured:
+    peak about 8x FILE_BYTES above the start, whatever the data set's size; bench/bench_build_packed.py)."""
     out_dir, files = Path(out_dir), resolve_shards(shards)
     digest = _key_hash({**(key or {}), "template": template, "image_tokens": image_tokens, "max_len": max_len,
                         "packing": packing, "system": system, "method": method}, files)
@@ -93,40 +196,53 @@ def build_packed(shards, out_dir: str | Path, tokenizer, template: str, image_to
         report = json.loads(report_path.read_text())
         if report.get("key") == digest:
             return report
-    samples, rejects = encode_all(files, tokenizer, template, image_tokens, max_len, system)
-    ids = [s["id"] for s in samples]
-    lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
+    rejects: Counter = Counter()
+    ids, lens, weights = [], [], []  # weights: bytes of int32 ids and labels plus the encoded image
+    for samples, images in encoded_batches(files, tokenizer, template, image_tokens, max_len, system, rejects):
+        sizes = pc.binary_length(images).fill_null(0).to_numpy(zero_copy_only=False)
+        for s in samples:
+            ids.append(s["id"])
+            lens.append(len(s["input_ids"]))
+            weights.append(8 * len(s["input_ids"]) + (int(sizes[s["image"]]) if s["image"] >= 0 else 0))
+    lengths = np.array(lens, dtype=np.int64)
     if packing:
         res = pack(ids, lengths, max_len, method)
         rejects.update(Counter(f"pack_{r}" for _, r, _ in res.rejects))  # pack_too_long: cannot happen after encode
-        by_id = {s["id"]: s for s in samples}
-        seqs = [[by_id[i] for i in sids] for sids, _ in res.sequences]
+        order, offsets = res.ids.tolist(), res.offsets  # sample ids in sequence order; sequence q: offsets[q:q+2]
+        index = {sid: k for k, sid in enumerate(ids)}  # unique: pack checked
+        slot = np.full(len(ids), -1, dtype=np.int64)  # [N] k-th sample -> its place in `order`
+        slot[np.array([index[sid] for sid in order], dtype=np.int64)] = np.arange(len(order))
     else:
-        seqs = [[s] for s in samples]
+        order, offsets, slot = ids, np.arange(len(ids) + 1), np.arange(len(ids))
+    n_rows = len(offsets) - 1
+    in_order = np.zeros(len(order), dtype=np.int64)  # [P] sample weights in sequence order
+    in_order[slot[slot >= 0]] = np.asarray(weights, dtype=np.int64)[slot >= 0]
+    part_of_seq = _file_parts(offsets, in_order)  # [S]
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for part, start in enumerate(range(0, max(len(seqs), 1), ROWS_PER_FILE)):
-        chunk = seqs[start:start + ROWS_PER_FILE]
-        cols = {
-            "seq_id": [f"seq-{start + i + 1:08d}" for i in range(len(chunk))],
-            "sample_ids": [[s["id"] for s in q] for q in chunk],
-            "lengths": [[len(s["input_ids"]) for s in q] for q in chunk],
-            "input_ids": [[t for s in q for t in s["input_ids"]] for q in chunk],
-            "labels": [[t for s in q for t in s["labels"]] for q in chunk],
-            "images": [[b for s in q for b in s["images"]] for q in chunk],
-        }
-        pq.write_table(pa.table(cols, schema=SCHEMA), tmp / f"packed-{part:05d}.parquet", row_group_size=ROW_GROUP)
+    _spill(encoded_batches(files, tokenizer, template, image_tokens, max_len, system, Counter()), slot,
+           np.repeat(part_of_seq, np.diff(offsets)), tmp)
+    first_seqs = np.flatnonzero(np.diff(part_of_seq, prepend=-1)) if n_rows else np.zeros(1, dtype=np.int64)
+    for part, (q0, q1) in enumerate(zip(first_seqs, [*first_seqs[1:], n_rows])):
+        spill = tmp / f"spill-{part:05d}.parquet"
+        table = pq.read_table(spill) if spill.exists() else SPILL.empty_table()
+        lo, hi = int(offsets[q0]), int(offsets[q1])
+        packed = _assemble(table, lo, np.asarray(offsets[q0:q1 + 1]) - lo, order[lo:hi], int(q0))
+        pq.write_table(packed, tmp / f"packed-{part:05d}.parquet", row_group_size=ROW_GROUP, use_dictionary=["seq_id"])
+        spill.unlink(missing_ok=True)
+        del table, packed
+        pa.default_memory_pool().release_unused()
     tokens = int(lengths.sum())
-    n_rows = len(seqs)
-    longest = [max((len(s["input_ids"]) for s in q), default=0) for q in seqs]
+    row_lens = np.add.reduceat(res.lengths if packing else lengths, offsets[:-1]) if n_rows else [0]  # [S]
+    longest = int(max(row_lens))
     report = {
         "key": digest, "packing": packing, "max_len": max_len, "template": template, "image_tokens": image_tokens,
-        "samples_in": len(samples) + sum(rejects.values()), "samples": len(samples), "rows": n_rows,
+        "samples_in": len(ids) + sum(rejects.values()), "samples": len(ids), "rows": n_rows,
         "tokens": tokens, "rejects": dict(sorted(rejects.items())),
         "fill_ratio": tokens / (n_rows * max_len) if n_rows else 0.0,  # of max_len-long rows
-        "compression": len(samples) / n_rows if n_rows else 0.0,  # samples per row
-        "longest_row": max(longest, default=0),
+        "compression": len(ids) / n_rows if n_rows else 0.0,  # samples per row
+        "longest_row": longest,  # tokens
     }
     (tmp / "_report.json").write_text(json.dumps(report, indent=2))
     if out_dir.exists():
