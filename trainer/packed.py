@@ -210,14 +210,13 @@ def build_packed(shards, out_dir: str | Path, tokenizer, template: str, image_to
         rejects.update(Counter(f"pack_{r}" for _, r, _ in res.rejects))  # pack_too_long: cannot happen after encode
         order, offsets = res.ids.tolist(), res.offsets  # sample ids in sequence order; sequence q: offsets[q:q+2]
         index = {sid: k for k, sid in enumerate(ids)}  # unique: pack checked
-        slot = np.full(len(ids), -1, dtype=np.int64)  # [N] k-th sample -> its place in `order`
-        slot[np.array([index[sid] for sid in order], dtype=np.int64)] = np.arange(len(order))
+        pos = np.array([index[sid] for sid in order], dtype=np.int64)  # [P] place in `order` -> k-th sample
     else:
-        order, offsets, slot = ids, np.arange(len(ids) + 1), np.arange(len(ids))
+        order, offsets, pos = ids, np.arange(len(ids) + 1), np.arange(len(ids))
+    slot = np.full(len(ids), -1, dtype=np.int64)  # [N] k-th sample -> its place in `order` (-1: rejected by pack)
+    slot[pos] = np.arange(len(pos))
     n_rows = len(offsets) - 1
-    in_order = np.zeros(len(order), dtype=np.int64)  # [P] sample weights in sequence order
-    in_order[slot[slot >= 0]] = np.asarray(weights, dtype=np.int64)[slot >= 0]
-    part_of_seq = _file_parts(offsets, in_order)  # [S]
+    part_of_seq = _file_parts(offsets, np.asarray(weights, dtype=np.int64)[pos])  # [S]
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -234,15 +233,14 @@ def build_packed(shards, out_dir: str | Path, tokenizer, template: str, image_to
         del table, packed
         pa.default_memory_pool().release_unused()
     tokens = int(lengths.sum())
-    row_lens = np.add.reduceat(res.lengths if packing else lengths, offsets[:-1]) if n_rows else [0]  # [S]
-    longest = int(max(row_lens))
+    longest = int(np.add.reduceat(lengths[pos], offsets[:-1]).max()) if n_rows else 0  # tokens of the longest row
     report = {
         "key": digest, "packing": packing, "max_len": max_len, "template": template, "image_tokens": image_tokens,
         "samples_in": len(ids) + sum(rejects.values()), "samples": len(ids), "rows": n_rows,
         "tokens": tokens, "rejects": dict(sorted(rejects.items())),
         "fill_ratio": tokens / (n_rows * max_len) if n_rows else 0.0,  # of max_len-long rows
         "compression": len(ids) / n_rows if n_rows else 0.0,  # samples per row
-        "longest_row": longest,  # tokens
+        "longest_row": longest,
     }
     (tmp / "_report.json").write_text(json.dumps(report, indent=2))
     if out_dir.exists():
