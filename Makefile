@@ -8,7 +8,7 @@ export RAY_AUTH_MODE := disabled
 # demo, tests and benchmarks keep Ray on 127.0.0.1 (no traffic to any other address); real clusters leave it unset
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo lint test test-fast bench clean
 
 WORDNET := /usr/share/wordnet/data.noun
 # Debian's chromium: the report and viewer tests drive it with playwright (never `playwright install`)
@@ -38,7 +38,11 @@ $(VLLM_STAMP): requirements-vllm.lock
 	$(VLLM_VENV)/bin/pip install -q -c requirements-vllm.lock 'ray[data]' pyarrow polars py3langid ImageHash xxhash  # the runner, for synthesis stages on Ray actors (tests/test_vllm_actor.py); pinned as in requirements.lock, vllm's torch kept
 	touch $(VLLM_STAMP)
 
-test: $(STAMP) $(VLLM_STAMP)  ## the whole suite, slow tests included (what CI runs)
+lint: $(STAMP)  ## ruff: formatting and lint rules (pyproject.toml [tool.ruff])
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+test: $(STAMP) $(VLLM_STAMP) lint  ## lint, then the whole suite, slow tests included (what CI runs)
 	$(PY) -m pytest -q -ra
 
 test-fast: $(STAMP)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from curation import balance as bal
+from curation.concepts import sampling as bal
 
 
 def zipf_matches(n: int, k: int, n_concepts: int, s: float = 1.1, seed: int = 0) -> np.ndarray:

@@ -9,6 +9,7 @@ packed file) and the baseline, the earlier build: every encoded sample with its 
 imports, and its growth from n/4 to n next to the growth of the shard's image bytes (streaming: bounded by a few
 times FILE_BYTES + SPILL_BYTES, set by --file-mib, so it should not grow with n; the baseline grows with the data).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def make_shard(root: Path, n: int, image_kb: int) -> tuple[Path, int]:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from schemas import Instruction, arrow_schema
+    from schemas import ImageInstruction, arrow_schema
     from trainer.tiny import make_tiny_tokenizer
 
     make_tiny_tokenizer(root / "tok")
@@ -50,17 +51,28 @@ def make_shard(root: Path, n: int, image_kb: int) -> tuple[Path, int]:
         pool.append(buf.getvalue())
     shard, total = root / "data" / "part-00000.parquet", 0
     shard.parent.mkdir(parents=True)
-    with pq.ParquetWriter(shard, arrow_schema(Instruction)) as w:
+    with pq.ParquetWriter(shard, arrow_schema(ImageInstruction)) as w:
         for start in range(0, n, 1000):
             rows = []
             for i in range(start, min(start + 1000, n)):
-                conv = [{"from": "human", "value": "<image>\nWhat color is the square?" + " Look closely." * (i % 7)},
-                        {"from": "gpt", "value": "Red."}]
+                conv = [
+                    {"from": "human", "value": "<image>\nWhat color is the square?" + " Look closely." * (i % 7)},
+                    {"from": "gpt", "value": "Red."},
+                ]
                 img = pool[i % len(pool)]
                 total += len(img)
-                rows.append(Instruction(id=f"s{i:07d}", uid=f"u{i}", kind="short_answer", conversations=conv,
-                                        model="bench", prompt_version="v0", image=img).model_dump(by_alias=True))
-            w.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Instruction)))
+                rows.append(
+                    ImageInstruction(
+                        id=f"s{i:07d}",
+                        uid=f"u{i}",
+                        kind="short_answer",
+                        conversations=conv,
+                        model="bench",
+                        prompt_version="v0",
+                        image=img,
+                    ).model_dump(by_alias=True)
+                )
+            w.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(ImageInstruction)))
     return shard, total
 
 
@@ -84,8 +96,12 @@ def child(mode: str, root: Path, file_mib: int) -> dict:
     else:
         samples = len(list(encoded(resolve_shards([str(root / "data")]), tok, "chat", 16, 1024, None, Counter())))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
-    return {"mode": mode, "samples": samples, "seconds": round(time.perf_counter() - t0, 2),
-            "peak_above_start_mib": round(peak - base, 1)}
+    return {
+        "mode": mode,
+        "samples": samples,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "peak_above_start_mib": round(peak - base, 1),
+    }
 
 
 def main() -> None:
@@ -93,8 +109,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40000, help="rows of the larger shard (the smaller has n/4)")
     ap.add_argument("--image-kb", type=int, default=16)
     ap.add_argument("--json", action="store_true", help="one JSON line")
-    ap.add_argument("--file-mib", type=int, default=32, help="FILE_BYTES and SPILL_BYTES of the build, MiB (256 by "
-                    "default in trainer.packed; scaled down so that the bound shows at bench sizes)")
+    ap.add_argument(
+        "--file-mib",
+        type=int,
+        default=32,
+        help="FILE_BYTES and SPILL_BYTES of the build, MiB (256 by "
+        "default in trainer.packed; scaled down so that the bound shows at bench sizes)",
+    )
     ap.add_argument("--child", choices=["stream", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -108,17 +129,27 @@ def main() -> None:
             _, image_bytes = make_shard(root, n, args.image_kb)
             run = {"n": n, "image_mib": round(image_bytes / 2**20, 1)}
             for mode in ("stream", "memory"):
-                p = subprocess.run([sys.executable, __file__, "--child", mode, "--root", str(root),
-                                    "--file-mib", str(args.file_mib)],
-                                   capture_output=True, text=True, check=True)
+                p = subprocess.run(
+                    [sys.executable, __file__, "--child", mode, "--root", str(root), "--file-mib", str(args.file_mib)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 run[mode] = json.loads(p.stdout.strip().splitlines()[-1])
             runs.append(run)
     small, big = runs
-    grow = {m: round(big[m]["peak_above_start_mib"] - small[m]["peak_above_start_mib"], 1) for m in ("stream", "memory")}
-    out = {"file_mib": args.file_mib, "runs": runs, "image_growth_mib": round(big["image_mib"] - small["image_mib"], 1),
-           "peak_growth_mib": grow, "ratio_at_n": round(big["stream"]["peak_above_start_mib"] /
-                                                        big["memory"]["peak_above_start_mib"], 3)}
+    grow = {
+        m: round(big[m]["peak_above_start_mib"] - small[m]["peak_above_start_mib"], 1) for m in ("stream", "memory")
+    }
+    out = {
+        "file_mib": args.file_mib,
+        "runs": runs,
+        "image_growth_mib": round(big["image_mib"] - small["image_mib"], 1),
+        "peak_growth_mib": grow,
+        "ratio_at_n": round(big["stream"]["peak_above_start_mib"] / big["memory"]["peak_above_start_mib"], 3),
+    }
     print(json.dumps(out, indent=None if args.json else 2))
+
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""Benchmark the embed stage (decode + preprocess + forward + table) against the bare model forward on the same batches."""
+"""Benchmark the embed stage (decode + preprocess + forward + table) against the bare model forward on the same
+batches."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from curation.ops.embed import Embed, EmbedParams
 
 
 def make_jpegs(n: int, side: int = 256, seed: int = 0) -> list[bytes]:
-    """n distinct JPEGs, shortest side `side` (as ingest's resize leaves them): random crops, scales and flips of real photos."""
+    """n distinct JPEGs, shortest side `side` (as ingest's resize leaves them): random crops, scales and flips of
+    real photos."""
     rng = np.random.default_rng(seed)
     photos = [im for _, im, _ in real_photos()]
     out = []
@@ -71,16 +73,26 @@ def main() -> None:
 
     t0 = time.perf_counter()
     jpegs = make_jpegs(args.n)
-    table = pa.table({"uid": [f"{i:08d}" for i in range(args.n)], "caption": [f"a photo number {i}" for i in range(args.n)],
-                      "image": pa.array(jpegs, pa.binary())})
-    op = Embed(EmbedParams(model=args.model, pretrained=None, precision=args.precision, batch_size=args.batch_size,
-                           text=args.text), "embed", None)
+    table = pa.table(
+        {
+            "uid": [f"{i:08d}" for i in range(args.n)],
+            "caption": [f"a photo number {i}" for i in range(args.n)],
+            "image": pa.array(jpegs, pa.binary()),
+        }
+    )
+    op = Embed(
+        EmbedParams(
+            model=args.model, pretrained=None, precision=args.precision, batch_size=args.batch_size, text=args.text
+        ),
+        "embed",
+        None,
+    )
     op.setup()
     clip = op.clip
     t_prep = time.perf_counter()
     batches = []
     for s in range(0, args.n, args.batch_size):
-        batch, _, _ = clip._prepare(jpegs[s:s + args.batch_size], s)
+        batch, _, _ = clip._prepare(jpegs[s : s + args.batch_size], s)
         batches.append(clip._normalise(batch))  # [B, 3, H, W] model dtype
     prep_s = time.perf_counter() - t_prep
     baseline(clip, batches[:1])  # warm-up
@@ -91,18 +103,28 @@ def main() -> None:
         secs, rows = stage(op, table)
         stage_s.append(secs)
     res = {
-        "model": clip.model_id, "n": args.n, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-        "text": args.text, "rounds": args.rounds,
-        "baseline_img_s": round(args.n / min(base_s), 1), "stage_img_s": round(rows / min(stage_s), 1),
+        "model": clip.model_id,
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "text": args.text,
+        "rounds": args.rounds,
+        "baseline_img_s": round(args.n / min(base_s), 1),
+        "stage_img_s": round(rows / min(stage_s), 1),
         "ratio": round(min(base_s) / min(stage_s), 3),
         "decode_preprocess_img_s_serial": round(args.n / prep_s, 1),
-        "baseline_s": [round(s, 2) for s in base_s], "stage_s": [round(s, 2) for s in stage_s],
-        "total_s": round(time.perf_counter() - t0, 1), "cpus": os.cpu_count(),
+        "baseline_s": [round(s, 2) for s in base_s],
+        "stage_s": [round(s, 2) for s in stage_s],
+        "total_s": round(time.perf_counter() - t0, 1),
+        "cpus": os.cpu_count(),
     }
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{res['model']}, {args.n} images, batch {args.batch_size}, {res['threads']} torch threads, best of {args.rounds}")
+        print(
+            f"{res['model']}, {args.n} images, batch {args.batch_size}, {res['threads']} torch threads, best of "
+            f"{args.rounds}"
+        )
         print(f"  bare forward on preprocessed tensors: {res['baseline_img_s']:8.1f} img/s")
         print(f"  Embed.process on JPEG bytes:          {res['stage_img_s']:8.1f} img/s")
         print(f"  ratio stage / bare:                   {res['ratio']:8.3f}  (goal >= 0.9)")

@@ -1,4 +1,6 @@
-"""Benchmark near-duplicate grouping of 64-bit pHashes: fast path at full size, brute force on a sample."""
+"""Benchmark near-duplicate grouping of 64-bit pHashes as dedup groups them (greedy leaders, each candidate verified
+by a 192-byte colour thumbnail): fast path at full size, brute force on a sample; connected components (the grouping
+before issue 15) timed beside it."""
 
 from __future__ import annotations
 
@@ -12,7 +14,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from curation.neardup import brute_force_groups, choose_plan, near_duplicate_groups, phash_u64
+from curation.dedup.leaders import brute_force_leaders, leader_groups
+from curation.dedup.neardup import choose_plan, near_duplicate_groups, phash_u64
+from curation.dedup.signals import thumb_diff
+
+
+def thumbnails(groups: np.ndarray, seed: int = 0) -> np.ndarray:
+    """An 8x8 RGB thumbnail per item [N, 192] uint8: its planted group's, give or take 3 levels per channel."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(20, 236, size=(int(groups.max()) + 1, 192), dtype=np.uint8)
+    return base[groups] + rng.integers(0, 4, size=(groups.size, 192), dtype=np.uint8)
+
+
+def verifier(thumbs: np.ndarray, max_diff: int = 20):
+    """dedup's check: no thumbnail cell differs by more than max_diff in any channel."""
+
+    def verify(leader: int, cand: np.ndarray) -> np.ndarray:
+        return thumb_diff(thumbs[cand], thumbs[leader]) <= max_diff
+
+    return verify
 
 
 def flip_bits(base: np.ndarray, n_flips: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -120,7 +140,9 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=20_000, help="sample size for the brute-force baseline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--scenario", choices=["mix", "dense"], default="mix",
+        "--scenario",
+        choices=["mix", "dense"],
+        default="mix",
         help="mix: random + planted clusters + copies; dense: one tight ball of 43,745 distinct hashes",
     )
     parser.add_argument("--json", action="store_true", help="also print one JSON line with the figures")
@@ -131,16 +153,18 @@ def main() -> None:
     n_unique = int(np.unique(hashes).size)
     plan = choose_plan(n_unique, args.max_distance)
 
+    thumbs = thumbnails(groups, args.seed)
     reset_ok = reset_peak_rss()
     rss_before = peak_rss_mb()
-    labels, seconds = timed(near_duplicate_groups, hashes, args.max_distance)
+    labels, seconds = timed(leader_groups, hashes, args.max_distance, verify=verifier(thumbs))
     rss_peak = peak_rss_mb()
     n_groups = int(np.unique(labels).size)
+    _, components_s = timed(near_duplicate_groups, hashes, args.max_distance)
 
     idx = sample_by_group(groups, args.sample)
-    sample = hashes[idx]
-    fast, fast_s = timed(near_duplicate_groups, sample, args.max_distance)
-    brute, brute_s = timed(brute_force_groups, sample, args.max_distance)
+    sample, sample_verify = hashes[idx], verifier(thumbs[idx])
+    fast, fast_s = timed(leader_groups, sample, args.max_distance, verify=sample_verify)
+    brute, brute_s = timed(brute_force_leaders, sample, args.max_distance, sample_verify)
     agree = bool(np.array_equal(fast, brute))
 
     figures = {
@@ -150,6 +174,7 @@ def main() -> None:
         "max_distance": args.max_distance,
         "plan": plan.describe(),
         "seconds": round(seconds, 3),
+        "components_seconds": round(components_s, 3),
         "peak_rss_mb": round(rss_peak, 1),  # process peak while grouping (VmHWM reset just before)
         "rss_before_mb": round(rss_before, 1),
         "peak_is_grouping_only": reset_ok,

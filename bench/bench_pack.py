@@ -1,4 +1,4 @@
-"""Benchmark offline packing (gap-aware default and plain BFD): fill ratio and speed on LLaVA-like length mixes vs baselines.
+"""Benchmark offline packing (gap-aware default, plain BFD): fill ratio and speed on LLaVA-like mixes vs baselines.
 
 Mix `llava15` (default): LLaVA-1.5's instruction mix llava_v1_5_mix665k, per source as published in Liu et al.,
 "Improved Baselines with Visual Instruction Tuning" (arXiv:2310.03744), appendix table "Instruction-following
@@ -110,8 +110,11 @@ def llava15_lengths(n: int, seed: int = 0, image_tokens: int = IMAGE_TOKENS) -> 
             continue
         turns = np.minimum(1 + rng.poisson(t_mean - 1, idx.size), t_max)  # [m]
         live = np.arange(t_max)[None, :] < turns[:, None]  # [m, t_max] which turns exist
-        per_turn = (rng.integers(q_lo, q_hi + 1, (idx.size, t_max), dtype=np.int32)
-                    + rng.integers(a_lo, a_hi + 1, (idx.size, t_max), dtype=np.int32) + TURN_TOKENS)  # [m, t_max]
+        per_turn = (
+            rng.integers(q_lo, q_hi + 1, (idx.size, t_max), dtype=np.int32)
+            + rng.integers(a_lo, a_hi + 1, (idx.size, t_max), dtype=np.int32)
+            + TURN_TOKENS
+        )  # [m, t_max]
         text[idx] = SYSTEM_TOKENS + n_img + (per_turn * live).sum(axis=1)
     return sample_lengths(text, images, image_tokens), source
 
@@ -181,16 +184,26 @@ def measure(lengths: np.ndarray, max_len: int, seed: int) -> tuple[dict, list[st
     bfd = pack(ids, lengths, max_len, "bfd").report()
     bfd_s = time.perf_counter() - start
     return {
-        "n_samples": n, "max_len": max_len, "mean_length": round(float(fits.mean()), 1),
-        "sequences": rep["sequences"], "rejected_too_long": rep["rejected"],
+        "n_samples": n,
+        "max_len": max_len,
+        "mean_length": round(float(fits.mean()), 1),
+        "sequences": rep["sequences"],
+        "rejected_too_long": rep["rejected"],
         "rejected_equals_too_long": rep["rejected"] == int((lengths > max_len).sum()),
-        "fill_ratio": round(rep["fill_ratio"], 5), "fill_goal": 0.97,
-        "min_sequences_by_tokens": bounds["by_tokens"], "min_sequences_l2": bounds["l2"],
+        "fill_ratio": round(rep["fill_ratio"], 5),
+        "fill_goal": 0.97,
+        "min_sequences_by_tokens": bounds["by_tokens"],
+        "min_sequences_l2": bounds["l2"],
         "best_possible_fill": round(rep["tokens"] / (bounds["l2"] * max_len), 5),
         "sequences_over_bound": round(rep["sequences"] / bounds["l2"] - 1, 5),
-        "bfd_fill_ratio": round(bfd["fill_ratio"], 5), "bfd_sequences": bfd["sequences"], "bfd_s": round(bfd_s, 3),
-        "padded_fill_ratio": round(padded_fill, 5), "fill_vs_padded": round(rep["fill_ratio"] / padded_fill, 2),
-        "compression": round(rep["compression"], 3), "pack_s": round(pack_s, 3), "pack_cpu_s": round(pack_cpu_s, 3),
+        "bfd_fill_ratio": round(bfd["fill_ratio"], 5),
+        "bfd_sequences": bfd["sequences"],
+        "bfd_s": round(bfd_s, 3),
+        "padded_fill_ratio": round(padded_fill, 5),
+        "fill_vs_padded": round(rep["fill_ratio"] / padded_fill, 2),
+        "compression": round(rep["compression"], 3),
+        "pack_s": round(pack_s, 3),
+        "pack_cpu_s": round(pack_cpu_s, 3),
         "pack_goal_s": 30.0,
         "to_table_conform_s": round(table_s, 3),
     }, ids
@@ -230,29 +243,48 @@ def main() -> None:
             start = time.perf_counter()
             naive = naive_bfd(ids[:m], lengths[:m], args.max_len)
             naive_s = time.perf_counter() - start
-            naive_out = {"mix": mix, "naive_sample": m, "naive_bfd_s": round(naive_s, 3),
-                         "bfd_sample_s": round(small_s, 4), "speedup_vs_naive": round(naive_s / small_s, 1),
-                         "naive_same_bins": naive == [s for s, _ in small.sequences]}
-    out = {"mixes": rows, "naive": naive_out, "peak_rss_gib": round(peak_rss_gib(), 3),
-           "loadavg": [round(x, 2) for x in os.getloadavg()]}
+            naive_out = {
+                "mix": mix,
+                "naive_sample": m,
+                "naive_bfd_s": round(naive_s, 3),
+                "bfd_sample_s": round(small_s, 4),
+                "speedup_vs_naive": round(naive_s / small_s, 1),
+                "naive_same_bins": naive == [s for s, _ in small.sequences],
+            }
+    out = {
+        "mixes": rows,
+        "naive": naive_out,
+        "peak_rss_gib": round(peak_rss_gib(), 3),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
     if args.json:
         print(json.dumps(out))
         return
     for mix, r in rows.items():
-        print(f"{mix}: packing {r['n_samples']:,} samples ({r['image_tokens']} image tokens, mean {r['mean_length']}"
-              f" tokens) into {r['max_len']}")
-        print(f"  fill ratio     {r['fill_ratio']:.4f}  (goal >= 0.97)   best possible {r['best_possible_fill']:.4f}"
-              f"   padded batches {r['padded_fill_ratio']:.4f}   ratio {r['fill_vs_padded']}x")
+        print(
+            f"{mix}: packing {r['n_samples']:,} samples ({r['image_tokens']} image tokens, mean {r['mean_length']}"
+            f" tokens) into {r['max_len']}"
+        )
+        print(
+            f"  fill ratio     {r['fill_ratio']:.4f}  (goal >= 0.97)   best possible {r['best_possible_fill']:.4f}"
+            f"   padded batches {r['padded_fill_ratio']:.4f}   ratio {r['fill_vs_padded']}x"
+        )
         print(f"  plain BFD      fill {r['bfd_fill_ratio']:.4f}, {r['bfd_sequences']:,} sequences, {r['bfd_s']} s")
-        print(f"  sequences      {r['sequences']:,}   lower bounds: tokens {r['min_sequences_by_tokens']:,},"
-              f" L2 {r['min_sequences_l2']:,}   compression {r['compression']} samples/seq"
-              f"   rejected too_long {r['rejected_too_long']:,}")
-        print(f"  pack time      {r['pack_s']} s wall, {r['pack_cpu_s']} s CPU  (goal < 30 s)"
-              f"   to_table + conform {r['to_table_conform_s']} s")
+        print(
+            f"  sequences      {r['sequences']:,}   lower bounds: tokens {r['min_sequences_by_tokens']:,},"
+            f" L2 {r['min_sequences_l2']:,}   compression {r['compression']} samples/seq"
+            f"   rejected too_long {r['rejected_too_long']:,}"
+        )
+        print(
+            f"  pack time      {r['pack_s']} s wall, {r['pack_cpu_s']} s CPU  (goal < 30 s)"
+            f"   to_table + conform {r['to_table_conform_s']} s"
+        )
     print(f"peak RSS {out['peak_rss_gib']} GiB   load {out['loadavg']}")
     nv = naive_out
-    print(f"naive BFD on {nv['naive_sample']:,} ({nv['mix']}): {nv['naive_bfd_s']} s vs pack(bfd) {nv['bfd_sample_s']} s"
-          f" = {nv['speedup_vs_naive']}x, same bins: {nv['naive_same_bins']}")
+    print(
+        f"naive BFD on {nv['naive_sample']:,} ({nv['mix']}): {nv['naive_bfd_s']} s vs pack(bfd) {nv['bfd_sample_s']} s"
+        f" = {nv['speedup_vs_naive']}x, same bins: {nv['naive_same_bins']}"
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ processes hits all of them alike), one epoch each over the same samples (trainer
 A step is what trainer/train.py does: collate (image decode + processor), forward, backward, grad clip, AdamW.
 Useful tokens = non-pad tokens; tokens/s = tokens of the steps / summed step time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,13 +47,18 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from schemas import Instruction, arrow_schema  # noqa: E402
-from trainer.model import LlavaLite  # noqa: E402
-from trainer.packed import PackedReader, build_packed, collate  # noqa: E402
-from trainer.tiny import default_corpus, make_tiny_lm, make_tiny_tokenizer, make_tiny_vision  # noqa: E402
+from schemas import ImageInstruction, arrow_schema
+from trainer.model import LlavaLite
+from trainer.packed import PackedReader, build_packed, collate
+from trainer.tiny import default_corpus, make_tiny_lm, make_tiny_tokenizer, make_tiny_vision
 
-MIX = [("short_vqa", 0.35, 15, 50, 1), ("caption", 0.20, 25, 75, 1), ("conversation", 0.20, 75, 375, 1),
-       ("detail", 0.10, 50, 150, 1), ("text_only", 0.15, 12, 875, 0)]
+MIX = [
+    ("short_vqa", 0.35, 15, 50, 1),
+    ("caption", 0.20, 25, 75, 1),
+    ("conversation", 0.20, 75, 375, 1),
+    ("detail", 0.10, 50, 150, 1),
+    ("text_only", 0.15, 12, 875, 0),
+]
 
 
 def make_shard(path: Path, n: int, seed: int = 0) -> Path:
@@ -67,13 +73,22 @@ def make_shard(path: Path, n: int, seed: int = 0) -> Path:
         name, _, lo, hi, n_img = MIX[k]
         n_words = int(rng.integers(lo, hi + 1))
         start = int(rng.integers(0, len(words) - n_words))
-        text = words[start:start + n_words]
-        q, a = " ".join(text[: max(1, n_words // 3)]), " ".join(text[max(1, n_words // 3):]) or "Yes."
+        text = words[start : start + n_words]
+        q, a = " ".join(text[: max(1, n_words // 3)]), " ".join(text[max(1, n_words // 3) :]) or "Yes."
         conv = [{"from": "human", "value": ("<image>\n" if n_img else "") + q}, {"from": "gpt", "value": a}]
-        rows.append(Instruction(id=f"s{i:06d}", uid=f"u{i}", kind=name, conversations=conv, model="bench",
-                                prompt_version="v0", image=buf.getvalue()).model_dump(by_alias=True))
+        rows.append(
+            ImageInstruction(
+                id=f"s{i:06d}",
+                uid=f"u{i}",
+                kind=name,
+                conversations=conv,
+                model="bench",
+                prompt_version="v0",
+                image=buf.getvalue(),
+            ).model_dump(by_alias=True)
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Instruction)), path)
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(ImageInstruction)), path)
     return path
 
 
@@ -108,9 +123,14 @@ class Side:
         """collate -> forward (sum loss) -> backward -> clip -> AdamW, timed as trainer/train.py times a step."""
         t0 = time.perf_counter()
         batch = collate(self.reader.next_rows(self.rows), self.processor, pad_id=0)
-        _, ls = self.model(batch["input_ids"], pixel_values=batch["pixel_values"],
-                           position_ids=batch["position_ids"], seq_lens=batch["seq_lens"], labels=batch["labels"],
-                           reduction="sum")
+        _, ls = self.model(
+            batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            position_ids=batch["position_ids"],
+            seq_lens=batch["seq_lens"],
+            labels=batch["labels"],
+            reduction="sum",
+        )
         (ls[0] / ls[1].clamp(min=1)).backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
@@ -124,11 +144,18 @@ class Side:
 
     def report(self) -> dict:
         c, t = self.counts, self.time
-        return {"rows_per_step": self.rows, "steps": self.steps, "rows": len(self.reader), "samples": c["samples"],
-                "train_s": round(t, 2), "useful_tokens_per_s": round(c["useful_tokens"] / t, 1),
-                "tokens_per_s": round(c["tokens"] / t, 1), "samples_per_s": round(c["samples"] / t, 2),
-                "padding_waste": round(1 - c["useful_tokens"] / c["tokens"], 4),
-                "mean_loss_last_10": round(float(np.mean(self.losses[-10:])), 4)}
+        return {
+            "rows_per_step": self.rows,
+            "steps": self.steps,
+            "rows": len(self.reader),
+            "samples": c["samples"],
+            "train_s": round(t, 2),
+            "useful_tokens_per_s": round(c["useful_tokens"] / t, 1),
+            "tokens_per_s": round(c["tokens"] / t, 1),
+            "samples_per_s": round(c["samples"] / t, 2),
+            "padding_waste": round(1 - c["useful_tokens"] / c["tokens"], 4),
+            "mean_loss_last_10": round(float(np.mean(self.losses[-10:])), 4),
+        }
 
 
 def main() -> None:
@@ -136,13 +163,21 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=384, help="samples")
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--padded-rows", type=int, default=16, help="samples per padded step")
-    ap.add_argument("--packed-rows", type=int, default=0,
-                    help="packed rows per step; 0: padded-rows / samples per packed row (same samples per step)")
+    ap.add_argument(
+        "--packed-rows",
+        type=int,
+        default=0,
+        help="packed rows per step; 0: padded-rows / samples per packed row (same samples per step)",
+    )
     ap.add_argument("--hidden", type=int, default=64, help="LM hidden size")
     ap.add_argument("--layers", type=int, default=2, help="LM layers")
     ap.add_argument("--sides", default="padded,packed_varlen,packed_mask")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: the shared 2-core box is oversubscribed; more threads mostly spin)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: the shared 2-core box is oversubscribed; more threads mostly spin)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print compact JSON on one line (the default is indented)")
     args = ap.parse_args()
@@ -155,25 +190,50 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(dirs["lm"]))
         vision = CLIPVisionConfig.from_pretrained(str(dirs["vision"]))
         image_tokens = (vision.image_size // vision.patch_size) ** 2  # what LlavaLite.image_tokens says
-        built = {packing: build_packed(shard, root / ("packed" if packing else "padded"), tokenizer, "chat",
-                                       image_tokens, args.max_len, packing=packing) for packing in (False, True)}
+        built = {
+            packing: build_packed(
+                shard,
+                root / ("packed" if packing else "padded"),
+                tokenizer,
+                "chat",
+                image_tokens,
+                args.max_len,
+                packing=packing,
+            )
+            for packing in (False, True)
+        }
         packed_rows = args.packed_rows or max(1, round(args.padded_rows * built[True]["rows"] / built[True]["samples"]))
-        spec = {"padded": (False, args.padded_rows, "varlen"), "packed_varlen": (True, packed_rows, "varlen"),
-                "packed_mask": (True, packed_rows, "mask")}
-        sides = [Side(name, dirs, root / ("packed" if spec[name][0] else "padded"), spec[name][1], spec[name][2],
-                      args.seed) for name in args.sides.split(",")]
+        spec = {
+            "padded": (False, args.padded_rows, "varlen"),
+            "packed_varlen": (True, packed_rows, "varlen"),
+            "packed_mask": (True, packed_rows, "mask"),
+        }
+        sides = [
+            Side(name, dirs, root / ("packed" if spec[name][0] else "padded"), spec[name][1], spec[name][2], args.seed)
+            for name in args.sides.split(",")
+        ]
         while True:
             todo = [s for s in sides if s.steps < s.total_steps]
             if not todo:
                 break
             min(todo, key=lambda s: s.progress).step()  # the side furthest behind runs next
     reports = {s.name: s.report() for s in sides}
-    out = {"setting": {"n": args.n, "max_len": args.max_len, "hidden": args.hidden, "layers": args.layers,
-                       "lm_params_m": round(sum(p.numel() for p in sides[0].model.lm.parameters()) / 1e6, 2),
-                       "threads": torch.get_num_threads(), "loadavg_before": [round(x, 2) for x in load_before],
-                       "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
-           "samples": built[True]["samples"], "packed_fill": round(built[True]["fill_ratio"], 4),
-           "rejects": built[True]["rejects"], **reports}
+    out = {
+        "setting": {
+            "n": args.n,
+            "max_len": args.max_len,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "lm_params_m": round(sum(p.numel() for p in sides[0].model.lm.parameters()) / 1e6, 2),
+            "threads": torch.get_num_threads(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "samples": built[True]["samples"],
+        "packed_fill": round(built[True]["fill_ratio"], 4),
+        "rejects": built[True]["rejects"],
+        **reports,
+    }
     if "padded" in reports:
         base = reports["padded"]["useful_tokens_per_s"]
         out["ratio_vs_padded"] = {k: round(r["useful_tokens_per_s"] / base, 2) for k, r in reports.items()}

@@ -4,9 +4,11 @@ colour and count questions; printed against the chance levels and against the sa
     .venv/bin/python bench/learning.py [--urls 2000] [--steps 800] [--seed 0] [--out DIR]
 
 Steps: a fixture web of simple scenes (1-3 shapes on white, square) served on 127.0.0.1 -> ingest, dedup, filter,
-instruct(short_answer, rules backend: a colour and an all-shapes count question per image) through the runner -> the Instruction rows split by uid (a quarter held out) -> stage-2 training on the train split with
-trainer.train (as `curate train` runs it) -> trainer.evaluate on the held-out split.
+instruct(short_answer, rules backend: a colour and an all-shapes count question per image) through the runner
+-> the Instruction rows, with their images, split by uid (a quarter held out) -> stage-2 training on the train split
+with trainer.train (as `curate train` runs it) -> trainer.evaluate on the held-out split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,18 +32,43 @@ MARGIN = {"colour": 0.2, "count_total": 0.1}
 def pipeline(web: Path) -> dict:
     """The curation DAG that makes the training data (a parsed-YAML mapping)."""
     # one colour and one all-shapes count question per image: the tiny model learns each type from ~1000 images
-    rules = {"backend": "rules", "annotations": str(web / "truth.parquet"), "max_turns": 2,
-             "ask": ["colour", "count_total"]}
-    return {"name": "learning", "stages": {
-        "ingest": {"op": "ingest", "params": {"urls": str(web / "urls.parquet"), "image_size": IMAGE_SIZE,
-                                              "timeout": 5, "allow_loopback": True}},
-        "dedup": {"op": "dedup", "after": ["ingest"], "params": {"max_distance": 6}},
-        # captions do not feed short answers (the boxes do): keep every image whatever its alt-text
-        "filter": {"op": "filter", "after": ["dedup"], "params": {
-            "min_size": 64, "max_aspect": 3.0, "languages": None, "require_caption": False, "min_caption_chars": 0,
-            "min_caption_words": 0, "boilerplate": [], "max_caption_chars": 100_000}},
-        "short_answer": {"op": "instruct", "after": ["filter"], "params": {**rules, "kind": "short_answer"}},
-    }}
+    rules = {
+        "backend": "rules",
+        "annotations": str(web / "truth.parquet"),
+        "max_turns": 2,
+        "ask": ["colour", "count_total"],
+    }
+    return {
+        "name": "learning",
+        "stages": {
+            "ingest": {
+                "op": "ingest",
+                "params": {
+                    "urls": str(web / "urls.parquet"),
+                    "image_size": IMAGE_SIZE,
+                    "timeout": 5,
+                    "allow_loopback": True,
+                },
+            },
+            "dedup": {"op": "dedup", "after": ["ingest"], "params": {"max_distance": 6}},
+            # captions do not feed short answers (the boxes do): keep every image whatever its alt-text
+            "filter": {
+                "op": "filter",
+                "after": ["dedup"],
+                "params": {
+                    "min_size": 64,
+                    "max_aspect": 3.0,
+                    "languages": None,
+                    "require_caption": False,
+                    "min_caption_chars": 0,
+                    "min_caption_words": 0,
+                    "boilerplate": [],
+                    "max_caption_chars": 100_000,
+                },
+            },
+            "short_answer": {"op": "instruct", "after": ["filter"], "params": {**rules, "kind": "short_answer"}},
+        },
+    }
 
 
 def held_out(uid: str, fraction_of_4: int = 1) -> bool:
@@ -54,16 +81,19 @@ def make_data(workdir: Path, n_urls: int, web_seed: int) -> tuple[list[dict], li
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from curation.config import parse_pipeline
+    from curation.engine.config import parse_pipeline
+    from curation.engine.driver import run_pipeline
     from curation.fixtures.serve import WebServer, free_port
     from curation.fixtures.web import make_web
-    from curation.runner import run_pipeline
+    from schemas import Instruction
+    from schemas.rundir import RunDir
 
     web, run = workdir / "web", workdir / "run"
     make_web(web, n=n_urls, port=free_port(), seed=web_seed, scenes="simple")
     with WebServer(web):
         manifests = run_pipeline(parse_pipeline(pipeline(web), "learning"), run)
-    table = pa.concat_tables([pq.read_table(f) for f in sorted((run / "short_answer").glob("part-*.parquet"))])
+    # the Instruction rows with their images (stored once, by ingest), read by uid: the split shard holds its own
+    table = RunDir(run).read("short_answer", [*Instruction.model_fields, "image"])
     mask = pa.array([held_out(u) for u in table["uid"].to_pylist()])
     train_t, test_t = table.filter(pa.compute.invert(mask)), table.filter(mask)
     shard_dir = workdir / "train_split"
@@ -72,8 +102,15 @@ def make_data(workdir: Path, n_urls: int, web_seed: int) -> tuple[list[dict], li
     return train_t.to_pylist(), test_t.to_pylist(), shard_dir, {k: m["counts"] for k, m in manifests.items()}
 
 
-def learn(workdir: str | Path, n_urls: int = 2000, steps: int = 800, seed: int = 0, web_seed: int = 7,
-          lr: float = 3e-3, rows_per_step: int = 4) -> dict:
+def learn(
+    workdir: str | Path,
+    n_urls: int = 2000,
+    steps: int = 800,
+    seed: int = 0,
+    web_seed: int = 7,
+    lr: float = 3e-3,
+    rows_per_step: int = 4,
+) -> dict:
     """The whole experiment in `workdir`; returns the evaluation report plus data and training figures."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -87,30 +124,62 @@ def learn(workdir: str | Path, n_urls: int = 2000, steps: int = 800, seed: int =
     train_rows, test_rows, shards, counts = make_data(workdir, n_urls, web_seed)
     t_data = time.perf_counter() - t0
     parts = make_tiny_all(workdir / "models", seed=seed)
-    cfg = load_config(None, {"stage": 2, "shards": [str(shards)], "vision": str(parts["vision"]),
-                             "lm": str(parts["lm"]), "out": str(workdir / "train"), "max_len": 512,
-                             "rows_per_step": rows_per_step, "max_steps": steps, "lr": lr, "warmup_steps": 10,
-                             "seed": seed, "log_every": 10, "checkpoint_every": steps})
+    cfg = load_config(
+        None,
+        {
+            "stage": 2,
+            "shards": [str(shards)],
+            "vision": str(parts["vision"]),
+            "lm": str(parts["lm"]),
+            "out": str(workdir / "train"),
+            "max_len": 512,
+            "rows_per_step": rows_per_step,
+            "max_steps": steps,
+            "lr": lr,
+            "warmup_steps": 10,
+            "seed": seed,
+            "log_every": 10,
+            "checkpoint_every": steps,
+        },
+    )
     summary = train(cfg)
     t_train = time.perf_counter() - t0 - t_data
     final = workdir / "train" / "final"
-    report = evaluate(load_trained(workdir / "train"), AutoTokenizer.from_pretrained(str(final / "lm")),
-                      AutoImageProcessor.from_pretrained(str(final / "vision")), train_rows, test_rows,
-                      template=cfg.template)
-    return {"questions": report, "images": {"train": len(train_rows), "held_out": len(test_rows)},
-            "train_uids": sorted({r["uid"] for r in train_rows}), "held_out_uids": sorted({r["uid"] for r in test_rows}),
-            "stage_counts": counts, "last_loss": summary["last_loss"], "samples": summary["packing"]["samples"],
-            "seconds": {"data": round(t_data, 1), "train": round(t_train, 1),
-                        "eval": round(time.perf_counter() - t0 - t_data - t_train, 1)}}
+    report = evaluate(
+        load_trained(workdir / "train"),
+        AutoTokenizer.from_pretrained(str(final / "lm")),
+        AutoImageProcessor.from_pretrained(str(final / "vision")),
+        train_rows,
+        test_rows,
+        template=cfg.template,
+    )
+    return {
+        "questions": report,
+        "images": {"train": len(train_rows), "held_out": len(test_rows)},
+        "train_uids": sorted({r["uid"] for r in train_rows}),
+        "held_out_uids": sorted({r["uid"] for r in test_rows}),
+        "stage_counts": counts,
+        "last_loss": summary["last_loss"],
+        "samples": summary["packing"]["samples"],
+        "seconds": {
+            "data": round(t_data, 1),
+            "train": round(t_train, 1),
+            "eval": round(time.perf_counter() - t0 - t_data - t_train, 1),
+        },
+    }
 
 
 def table(result: dict) -> str:
     """A Markdown table of the report."""
-    lines = ["| question | held-out n | accuracy | blank-image accuracy | majority rate (answer) | 1/#candidates |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| question | held-out n | accuracy | blank-image accuracy | majority rate (answer) | 1/#candidates |",
+        "|---|---|---|---|---|---|",
+    ]
     for kind, r in result["questions"].items():
-        lines.append(f"| {kind} | {r['n']} | {r['accuracy']:.3f} | {r.get('blank_accuracy', float('nan')):.3f} | "
-                     f"{r['majority_rate']:.3f} ({r['majority_answer']}) | {r['uniform_chance']:.3f} |")
+        lines.append(
+            f"| {kind} | {r['n']} | {r['accuracy']:.3f} | {r.get('blank_accuracy', float('nan')):.3f} | "
+            f"{r['majority_rate']:.3f} ({r['majority_answer']}) | {r['uniform_chance']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -129,8 +198,18 @@ def main() -> None:
     res = learn(out, args.urls, args.steps, args.seed, args.web_seed)
     figures = {k: res[k] for k in ("images", "last_loss", "samples", "seconds")}
     if args.json:
-        print(json.dumps({"urls": args.urls, "steps": args.steps, "seed": args.seed, "questions": res["questions"],
-                          "margin": MARGIN, **figures}))
+        print(
+            json.dumps(
+                {
+                    "urls": args.urls,
+                    "steps": args.steps,
+                    "seed": args.seed,
+                    "questions": res["questions"],
+                    "margin": MARGIN,
+                    **figures,
+                }
+            )
+        )
     else:
         print(table(res))
         print(json.dumps(figures))

@@ -3,6 +3,7 @@
     ray job submit --address http://127.0.0.1:8265 -- \
         python jobs/run_pipeline.py pipelines/demo.yaml --run-dir /shared/runs/demo --set ingest.urls=...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,8 @@ import json
 import os
 import sys
 
-from curation.config import ConfigError, load_pipeline
-from curation.runner import StageFailed, run_pipeline
+from curation.engine.config import ConfigError, load_pipeline
+from curation.engine.driver import StageFailed, run_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         pipeline = load_pipeline(args.pipeline, args.overrides)
-        manifests = run_pipeline(pipeline, args.run_dir, address=os.environ.get("RAY_ADDRESS", "auto"),
-                                 retry_failed=args.retry_failed,
-                                 progress=lambda s, d, t, p: print(f"{s} [{p}] {d}/{t}", flush=True))
+        manifests = run_pipeline(
+            pipeline,
+            args.run_dir,
+            address=os.environ.get("RAY_ADDRESS", "auto"),
+            retry_failed=args.retry_failed,
+            progress=lambda s, d, t, p: print(f"{s} [{p}] {d}/{t}", flush=True),
+        )
     except (ConfigError, StageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

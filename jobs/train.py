@@ -4,6 +4,7 @@
 
 Running it again on the same `out` resumes from out/checkpoints/latest.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, when run as a script
 
-from trainer.config import ConfigError, load_config  # noqa: E402
-from trainer.train import train  # noqa: E402
+from trainer.config import ConfigError, load_config
+from trainer.train import train
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
 """Derive Arrow schemas from the pydantic row models: the one place the mapping lives."""
+
 from __future__ import annotations
 
 import types
@@ -9,7 +10,8 @@ from pydantic import BaseModel
 
 
 class ArrowType:
-    """Annotated marker that fixes a field's Arrow type, e.g. Annotated[list[float], ArrowType(pa.list_(pa.float32()))]."""
+    """Annotated marker that fixes a field's Arrow type, e.g. Annotated[list[float],
+    ArrowType(pa.list_(pa.float32()))]."""
 
     def __init__(self, type_: pa.DataType):
         self.type = type_

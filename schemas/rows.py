@@ -1,10 +1,11 @@
 """Row models: the contract between the pipeline's stages and its consumers (trainer, other languages)."""
+
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from schemas.arrow import ArrowType
 
@@ -16,6 +17,16 @@ class Row(BaseModel):
     """Base of every table row: strict fields, aliases accepted."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def subset(name: str, doc: str, fields: dict[str, type[Row]]) -> type[Row]:
+    """A model of fields taken from other models (field -> its model), definitions shared: a field renamed there
+    fails here, at import."""
+    missing = [f"{m.__name__}.{f}" for f, m in fields.items() if f not in m.model_fields]
+    if missing:
+        raise TypeError(f"{name}: no fields {missing}")
+    defs = {f: (m.model_fields[f].annotation, m.model_fields[f]) for f, m in fields.items()}
+    return create_model(name, __base__=Row, __doc__=doc, __module__=__name__, **defs)
 
 
 class WebPair(Row):
@@ -41,26 +52,50 @@ class Image(Row):
     exif: str | None = None
 
 
-class DedupedImage(Image):
+# Stages that only decide write thin rows: uid plus what they add. The image, its alt-text and its sizes stay in
+# the Image rows the source stage wrote, read by uid (schemas.rundir) when a later stage or a reader needs them.
+
+
+class Deduped(Row):
     """An image kept as the representative of its duplicate group (dedup output)."""
 
+    uid: str
     phash: str = Field(description="64-bit perceptual hash, 16 hex digits")
     dup_group: str = Field(description="uid of the group's representative (this row's own uid)")
     dup_count: Int32 = Field(description="rows in the group, this one included")
 
 
-class FilteredImage(DedupedImage):
+class SemDeduped(Row):
+    """An image kept by semantic dedup: no kept image before it in priority order is within eps in cosine."""
+
+    uid: str
+    sem_cluster: Int32 = Field(description="k-means cluster of the image embedding")
+    sem_dup_count: Int32 = Field(description="images it stands for (its semantic duplicates and itself)")
+
+
+class Decontaminated(Row):
+    """An image that matched no item of the evaluation set (decontaminate output): no pHash near copy, no exact copy
+    and, where embeddings were compared, no cosine at or over min_cosine."""
+
+    uid: str
+
+
+class Filtered(Row):
     """An image that passed the size, aspect and caption rules (filter output)."""
 
+    uid: str
     lang: str | None = Field(description="caption language (ISO 639-1) or null when too short to tell")
 
 
-class BalancedImage(FilteredImage):
+class Balanced(Row):
     """An image selected by concept balancing (balance output)."""
 
+    uid: str
     vocab: str = Field(description="vocabulary version (hash) of concept_ids")
     concept_ids: list[int] = Field(description="the image's matched concepts, as match_concepts ordered them")
-    sample_weight: float = Field(description="MetaCLIP keep probability, or the inverse-frequency weight it was drawn with")
+    sample_weight: float = Field(
+        description="MetaCLIP keep probability, or the inverse-frequency weight it was drawn with"
+    )
 
 
 class Reject(Row):
@@ -90,7 +125,8 @@ class ConceptMatch(Row):
     vocab: str = Field(description="vocabulary version (hash)")
     concept_ids: list[int]
     scores: Annotated[list[float | None], ArrowType(pa.list_(pa.float32()))] = Field(
-        description="cosine of image and concept embeddings; null for substring matches made without a model")
+        description="cosine of image and concept embeddings; null for substring matches made without a model"
+    )
     source: list[Literal["feature", "substring", "both"]] = Field(description="provenance of each match")
 
 
@@ -107,9 +143,9 @@ class Caption(Row):
 
     uid: str
     recaption: str
-    lang: str
-    model: str = Field(description="the model (or 'rules') that wrote it")
-    prompt_version: str = Field(description="hash of the prompt folder's files")
+    recaption_lang: str
+    recaption_model: str = Field(description="the model (or 'rules') that wrote it")
+    recaption_prompt_version: str = Field(description="hash of the prompt folder's files")
 
 
 class Turn(Row):
@@ -120,19 +156,36 @@ class Turn(Row):
 
 
 class Instruction(Row):
-    """A generated instruction sample (conversation, detail description, complex reasoning, short answer...)."""
+    """A generated instruction sample (conversation, detail description, complex reasoning, short answer...); its
+    image is the Image row of its uid (stored once, however many samples an image has)."""
 
     id: str = Field(description="uid and kind: unique per sample")
     uid: str = Field(description="uid of the source image")
     kind: str
     conversations: list[Turn] = Field(description="human/gpt turns; <image> once, in the first human turn")
-    model: str
-    prompt_version: str
-    image: bytes = Field(description="the encoded image, so a shard trains on its own")
+    model: str = Field(description="what wrote the gpt turns: an LLM, 'rules', or (kind caption) the recaption's model")
+    prompt_version: str = Field(description="hash of the prompt folder (kind caption: the recaption's prompt)")
+    source: Literal["generated", "recaption", "alt_text"] = Field(
+        "generated", description="where the gpt turns come from: generated for this kind, or a caption as it was"
+    )
+
+
+ImageInstruction = subset(
+    "ImageInstruction",
+    "An instruction sample that carries its image: a shard that trains on its own (users' own data, LLaVA-style).",
+    {**dict.fromkeys(Instruction.model_fields, Instruction), "image": Image},
+)
+
+TrainSample = subset(
+    "TrainSample",
+    "What the trainer reads of a sample (stage 1 caption or stage 2 chat): the Instruction's id and turns, and the "
+    "image of its uid (in the shard, or where the run dir's source stage wrote it).",
+    {"id": Instruction, "uid": Instruction, "conversations": Instruction, "image": Image},
+)
 
 
 class PackedSequence(Row):
-    """One packed training sequence: which samples it holds and their token lengths."""
+    """One packing-plan sequence (trainer.pack.to_table): which samples it holds and their token lengths."""
 
     seq_id: str
     sample_ids: list[str]
@@ -140,7 +193,35 @@ class PackedSequence(Row):
     total_tokens: int
 
 
+class TrainSequence(Row):
+    """One row of the trainer's packed files (trainer.packed): a sequence's samples, tokens, labels and images."""
+
+    seq_id: str = Field(description="seq-00000001 ...: rows in packing order")
+    sample_ids: list[str] = Field(description="the samples in the sequence, in order")
+    lengths: list[Int32] = Field(description="their token lengths: the per-sample boundaries, cu_seqlens = cumsum")
+    input_ids: list[Int32] = Field(description="concatenated token ids, each <image> expanded to image_tokens copies")
+    labels: list[Int32] = Field(description="concatenated labels, -100 where no loss")
+    images: list[bytes] = Field(description="the encoded images of the sequence's samples, in reading order")
+
+
 TABLES: dict[str, type[Row]] = {
     m.__name__: m
-    for m in (WebPair, Image, DedupedImage, FilteredImage, BalancedImage, Reject, Embedding, ConceptMatch, BoxObject, Caption, Instruction, PackedSequence)
+    for m in (
+        WebPair,
+        Image,
+        Deduped,
+        SemDeduped,
+        Decontaminated,
+        Filtered,
+        Balanced,
+        Reject,
+        Embedding,
+        ConceptMatch,
+        BoxObject,
+        Caption,
+        Instruction,
+        ImageInstruction,
+        PackedSequence,
+        TrainSequence,
+    )
 }

@@ -1,4 +1,5 @@
 """Check a table against a row model: exact columns, castable types, every row valid."""
+
 from __future__ import annotations
 
 import pyarrow as pa

@@ -1,4 +1,5 @@
 """Shared by the fault tests: the demo run's overrides, row snapshots, kill-and-wait, and Ray clusters started here."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import polars as pl
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from tests.conftest import ROOT, free_port, kill_ray_started_with, web_overrides
 
 BIN = Path(sys.executable).parent
-DEMO = ROOT / "pipelines/demo.yaml"
+DEMO = ROOT / "curation/pipelines/demo.yaml"
 
 
 def demo_overrides(web: Path, assets: list[str], *extra: str) -> list[str]:
@@ -75,8 +76,8 @@ def slow_web(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(ray_session, slow_web, demo_assets, tmp_path_factory) -> Reference:
-    from curation.config import load_pipeline
-    from curation.runner import run_pipeline
+    from curation.engine.config import load_pipeline
+    from curation.engine.driver import run_pipeline
 
     run = tmp_path_factory.mktemp("ref")
     overrides = demo_overrides(slow_web, demo_assets)
@@ -91,8 +92,9 @@ def curate_run(run: Path, overrides: list[str]) -> tuple[subprocess.Popen, dict]
     cmd = [sys.executable, "-m", "curation.cli", "run", str(DEMO), "--run-dir", str(run)]
     for o in overrides:
         cmd += ["--set", o]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return proc, env
 
 
@@ -117,10 +119,22 @@ def markers(run: Path, stage: str, step: str = "process") -> list[Path]:
 
 def _node_flags(tmp: str, num_cpus: int) -> list[str]:
     """Flags every node of a cluster on this machine gets: loopback, a small object store, ports of its own."""
-    ports = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "metrics-export-port", "runtime-env-agent-port")
-    return ["--node-ip-address=127.0.0.1", f"--temp-dir={tmp}", f"--num-cpus={num_cpus}",
-            f"--object-store-memory={500 * 2**20}", "--disable-usage-stats", *(f"--{p}={free_port()}" for p in ports)]
+    ports = (
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    )
+    return [
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={tmp}",
+        f"--num-cpus={num_cpus}",
+        f"--object-store-memory={500 * 2**20}",
+        "--disable-usage-stats",
+        *(f"--{p}={free_port()}" for p in ports),
+    ]
 
 
 def start_cluster(nodes: int, num_cpus: int = 2) -> tuple[str, dict, str]:
@@ -129,17 +143,40 @@ def start_cluster(nodes: int, num_cpus: int = 2) -> tuple[str, dict, str]:
     Returns (dashboard URL, env for `ray job submit`, the RAY_TMPDIR that tags every process of the cluster)."""
     tmp = tempfile.mkdtemp(prefix="ray-j-")
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (conftest) refuses a second node; every node is told 127.0.0.1 instead
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_TMPDIR": tmp,
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if nodes > 1 else "0"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_TMPDIR": tmp,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if nodes > 1 else "0",
+    }
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
     try:
-        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--include-dashboard=true",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
-                        *_node_flags(tmp, num_cpus)], check=True, env=env, capture_output=True, text=True)
+        subprocess.run(
+            [
+                str(BIN / "ray"),
+                "start",
+                "--head",
+                f"--port={gcs}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--ray-client-server-port={free_port()}",
+                *_node_flags(tmp, num_cpus),
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         for _ in range(1, nodes):
-            subprocess.run([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", *_node_flags(tmp, num_cpus)],
-                           check=True, env=env, capture_output=True, text=True)
+            subprocess.run(
+                [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", *_node_flags(tmp, num_cpus)],
+                check=True,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
     except subprocess.CalledProcessError as e:
         kill_ray_started_with(tmp)
         raise RuntimeError(f"ray start failed: {e.stdout[-2000:]}{e.stderr[-2000:]}") from None
@@ -153,10 +190,23 @@ def alive_nodes(address: str) -> list[str]:
     return [n.node_id for n in list_nodes(address=address, filters=[("state", "=", "ALIVE")])]
 
 
-def job_submit(address: str, env: dict, run: Path, overrides: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def job_submit(
+    address: str, env: dict, run: Path, overrides: list[str], timeout: float = 600
+) -> subprocess.CompletedProcess:
     """`ray job submit` of jobs/run_pipeline.py with the demo DAG; waits for it to end."""
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--", sys.executable,
-           str(ROOT / "jobs/run_pipeline.py"), str(DEMO), "--run-dir", str(run)]
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--",
+        sys.executable,
+        str(ROOT / "jobs/run_pipeline.py"),
+        str(DEMO),
+        "--run-dir",
+        str(run),
+    ]
     for o in overrides:
         cmd += ["--set", o]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from curation import balance as bal
+from curation.concepts import sampling as bal
 
 
 def zipf_pool(n: int, k: int, n_concepts: int, s: float = 1.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +115,7 @@ def test_partition_independence():
     probs = bal.metaclip_probs(offsets, ids, counts, t=50)
     whole = bal.keep_mask(uids, probs, seed=9)
     cuts = [0, 3_333, 3_334, 12_000, 20_000]
-    pieces = [bal.keep_mask(uids[a:b], probs[a:b], seed=9) for a, b in zip(cuts, cuts[1:])]
+    pieces = [bal.keep_mask(uids[a:b], probs[a:b], seed=9) for a, b in itertools.pairwise(cuts)]
     assert np.array_equal(whole, np.concatenate(pieces))
     perm = np.random.default_rng(0).permutation(uids.size)  # row order does not matter either
     assert np.array_equal(bal.keep_mask(uids[perm], probs[perm], seed=9), whole[perm])
@@ -123,7 +123,7 @@ def test_partition_independence():
     w = bal.inverse_frequency_weights(offsets, ids, counts)
     target = 2_000
     all_at_once = bal.weighted_sample(uids, w, target, seed=9)
-    keys = np.concatenate([bal.es_keys(uids[a:b], w[a:b], seed=9) for a, b in zip(cuts, cuts[1:])])
+    keys = np.concatenate([bal.es_keys(uids[a:b], w[a:b], seed=9) for a, b in itertools.pairwise(cuts)])
     assert np.array_equal(bal.top_k_mask(keys, target), all_at_once)
     assert all_at_once.sum() == target
 
@@ -152,7 +152,7 @@ def test_t_for_target_size_and_monotonicity():
     offsets, ids = zipf_pool(30_000, 10, n_concepts, seed=4)
     counts = bal.concept_counts(ids, n_concepts)
     sizes = [bal.expected_size(offsets, ids, counts, t) for t in (1, 5, 20, 100, 1000, counts.max())]
-    assert all(a <= b for a, b in zip(sizes, sizes[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(sizes))
     for target in (2_000, 8_000, 15_000):
         t = bal.t_for_target_size(offsets, ids, counts, target)
         assert abs(bal.expected_size(offsets, ids, counts, t) - target) <= 0.01 * target
@@ -164,7 +164,7 @@ def test_t_for_tail_mass_inverts_tail_mass():
     counts = np.array([1, 1, 2, 5, 5, 10, 100, 0])  # total 124
     assert bal.tail_mass(counts, 3) == pytest.approx(4 / 124)
     masses = [bal.tail_mass(counts, t) for t in range(1, 120)]
-    assert all(a <= b for a, b in zip(masses, masses[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(masses))
     for m in (0.01, 4 / 124, 0.05, 0.2, 0.5, 1.0):
         t = bal.t_for_tail_mass(counts, m)
         assert bal.tail_mass(counts, t) >= m - 1e-12

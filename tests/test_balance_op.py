@@ -1,49 +1,60 @@
 """The balance op: global counts, partition-independent selection, reasons, coverage report."""
+
 import numpy as np
 import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
+from curation.concepts.vocab import make_table, write_vocab
 from curation.ops.balance import Balance, BalanceParams
-from curation.vocab import make_table, write_vocab
-from schemas import BalancedImage, FilteredImage, arrow_schema, conform
-
-FIELDS = list(FilteredImage.model_fields)
+from schemas import Balanced, arrow_schema, conform
 
 
 def _pool(n: int, seed: int = 0) -> pa.Table:
-    """n images: every 25th has no concept; of the rest 60% only the head concept 0, 20% concepts 0 and 1,
-    20% one tail concept of 2..41 (plus a second one sometimes)."""
+    """n images as the balance stage reads them (uid, alt-text, concepts): every 25th has no concept; of the rest
+    60% only the head concept 0, 20% concepts 0 and 1, 20% one tail concept of 2..41 (plus a second one sometimes)."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         r = rng.random()
         tail = {int(x) for x in rng.integers(2, 42, size=rng.integers(1, 3))}
         ids = [] if i % 25 == 0 else [0] if r < 0.6 else [0, 1] if r < 0.8 else sorted(tail)
-        rows.append({"uid": f"u{i:05d}", "url": f"http://127.0.0.1/{i}", "caption": f"photo {i}", "sha256": f"{i:064x}",
-                     "width": 64, "height": 64, "original_width": 64, "original_height": 64, "image": b"jpg", "exif": None,
-                     "phash": "0" * 16, "dup_group": f"u{i:05d}", "dup_count": 1, "lang": "en",
-                     "vocab": "v1", "concept_ids": sorted(ids)})
+        rows.append(
+            {
+                "uid": f"u{i:05d}",
+                "url": f"http://127.0.0.1/{i}",
+                "caption": f"photo {i}",
+                "vocab": "v1",
+                "concept_ids": sorted(ids),
+            }
+        )
     return pa.Table.from_pylist(rows)
 
 
 def _run(tmp, pool: pa.Table, splits: list[int], **params):
     op = Balance(BalanceParams(**params), "balance", tmp / "_work")
-    parts = {f"part-{i:05d}": pool.slice(a, b - a) for i, (a, b) in enumerate(zip([0] + splits, splits + [pool.num_rows]))}
-    op.aggregate(pa.concat_tables([op.analyze(t).append_column("part", pa.array([p] * t.num_rows, pa.string()))
-                                   for p, t in parts.items()]))
+    parts = {
+        f"part-{i:05d}": pool.slice(a, b - a) for i, (a, b) in enumerate(zip([0] + splits, splits + [pool.num_rows]))
+    }
+    op.aggregate(
+        pa.concat_tables(
+            [op.analyze(t).append_column("part", pa.array([p] * t.num_rows, pa.string())) for p, t in parts.items()]
+        )
+    )
     outs, rejects = zip(*(op.process(p, t) for p, t in parts.items()))
-    return op, pa.concat_tables([conform(o, BalancedImage, p) for o, p in zip(outs, parts)]), pa.concat_tables(rejects)
+    return op, pa.concat_tables([conform(o, Balanced, p) for o, p in zip(outs, parts)]), pa.concat_tables(rejects)
 
 
-@pytest.mark.parametrize("params", [{"method": "metaclip", "t": 10}, {"method": "inverse_frequency", "target_size": 200}])
+@pytest.mark.parametrize(
+    "params", [{"method": "metaclip", "t": 10}, {"method": "inverse_frequency", "target_size": 200}]
+)
 def test_selection_does_not_depend_on_partitioning(tmp_path, params):
     pool = _pool(600)
     _, one, rej_one = _run(tmp_path / "a", pool, [], **params)
     _, many, rej_many = _run(tmp_path / "b", pool, [7, 100, 101, 450], **params)
     assert one.column("uid").to_pylist() == sorted(many.column("uid").to_pylist())
     assert one.num_rows + rej_one.num_rows == pool.num_rows == many.num_rows + rej_many.num_rows
-    conform(one, BalancedImage, "test")
+    conform(one, Balanced, "test")
     if params["method"] == "inverse_frequency":
         assert one.num_rows == 200
 
@@ -67,7 +78,8 @@ def test_metaclip_rule_on_the_pool_and_reasons(tmp_path):
     assert after["entries_covered"] == before["entries_covered"]  # every tail entry (count < t... or near) survives
     cov = pa.parquet.read_table(op.coverage_path)
     assert cov.column("count_before").to_pylist()[0] == counts[0] and sum(cov.column("count_after").to_pylist()) == sum(
-        len(x) for x in out.column("concept_ids").to_pylist())
+        len(x) for x in out.column("concept_ids").to_pylist()
+    )
 
 
 def test_target_fraction_and_vocab_texts(tmp_path):
@@ -93,4 +105,4 @@ def test_empty_part_passes(tmp_path):
     assert out.num_rows + rej.num_rows == 100
     empty = pa.Table.from_pylist([], schema=_pool(1).schema)
     o, r = op.process("part-00009", empty)
-    assert o.num_rows == r.num_rows == 0 and o.schema == arrow_schema(BalancedImage)
+    assert o.num_rows == r.num_rows == 0 and o.schema == arrow_schema(Balanced)

@@ -1,4 +1,6 @@
-"""A two-node Ray cluster started on this machine runs the DAG from `ray job submit`: the same rows, work on both nodes."""
+"""A two-node Ray cluster started on this machine runs the DAG from `ray job submit`: the same rows, work on both
+nodes."""
+
 from __future__ import annotations
 
 import json

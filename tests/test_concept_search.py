@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from curation.concept_search import (
+from curation.concepts.index import (
     ConceptIndex,
     cache_key,
     clustered_vectors,

@@ -1,4 +1,5 @@
 """embed -> match_concepts -> balance in the demo DAG: embeddings, matches against direct computations, coverage."""
+
 from __future__ import annotations
 
 import shutil
@@ -8,13 +9,12 @@ import polars as pl
 import pytest
 import yaml
 
-from curation.concepts import ConceptCache
-from curation.config import load_pipeline, parse_pipeline
-from curation.runner import run_pipeline
-from curation.substring import SubstringMatcher
-from curation.vocab import read_vocab
-from tests.conftest import ROOT, web_overrides, free_port
-from tests.test_pipeline import _rows
+from curation.concepts.embeddings import ConceptCache
+from curation.concepts.substring import SubstringMatcher
+from curation.concepts.vocab import read_vocab
+from curation.engine.config import load_pipeline, parse_pipeline
+from curation.engine.driver import run_pipeline
+from tests.conftest import ROOT, free_port, stage_rows, web_overrides
 
 
 def _params(assets: list[str], stage: str) -> dict:
@@ -32,12 +32,12 @@ def run(ray_session, demo_assets, tmp_path_factory):
     run = tmp_path_factory.mktemp("concepts")
     overrides = [*web_overrides(web), "ingest.shard_size=100", *demo_assets]
     with WebServer(web):
-        return run, run_pipeline(load_pipeline(ROOT / "pipelines/demo.yaml", overrides), run)
+        return run, run_pipeline(load_pipeline(ROOT / "curation/pipelines/demo.yaml", overrides), run)
 
 
 def test_embeddings_are_unit_vectors_of_every_filtered_image(run):
     run_dir, manifests = run
-    emb, kept = _rows(run_dir, "embed"), _rows(run_dir, "filter")
+    emb, kept = stage_rows(run_dir, "embed"), stage_rows(run_dir, "filter")
     assert sorted(emb["uid"]) == sorted(kept["uid"]) and manifests["embed"]["counts"]["rejected"] == 0
     vecs = np.stack(emb["image_embedding"].to_numpy())
     texts = np.stack(emb["text_embedding"].to_numpy())
@@ -49,7 +49,11 @@ def test_embeddings_are_unit_vectors_of_every_filtered_image(run):
 def test_matches_agree_with_direct_search_and_the_substring_rule(run, demo_assets):
     run_dir, _ = run
     p = _params(demo_assets, "match_concepts")
-    m = _rows(run_dir, "match_concepts").join(_rows(run_dir, "embed"), on="uid").join(_rows(run_dir, "filter"), on="uid")
+    m = (
+        stage_rows(run_dir, "match_concepts")
+        .join(stage_rows(run_dir, "embed", also=()), on="uid")
+        .join(stage_rows(run_dir, "filter", also=()), on="uid")
+    )
     vocab = read_vocab(p["vocab"])
     cache = ConceptCache(p["vocab"], m["model"][0], "{}", p["cache_dir"])
     concepts = np.asarray(cache.embeddings())  # [C, D]
@@ -58,11 +62,15 @@ def test_matches_agree_with_direct_search_and_the_substring_rule(run, demo_asset
         q = np.asarray(row["image_embedding"], np.float32)
         top = np.argsort(-(concepts @ q), kind="stable")[:5]  # brute force top-5
         feature = [c for c, s in zip(row["concept_ids"], row["source"]) if s in ("feature", "both")]
-        assert feature == top.tolist() or np.allclose(np.sort(concepts[feature] @ q), np.sort(concepts[top] @ q), atol=1e-5)
+        assert feature == top.tolist() or np.allclose(
+            np.sort(concepts[feature] @ q), np.sort(concepts[top] @ q), atol=1e-5
+        )
         caption = set(matcher.match(row["caption"]))
         assert {c for c, s in zip(row["concept_ids"], row["source"]) if s in ("substring", "both")} == caption
         assert all(s != "both" or c in caption for c, s in zip(row["concept_ids"], row["source"]))
-    assert (m["source"].list.eval(pl.element() == "substring").list.any()).sum() > 0.8 * m.height  # captions match words
+    assert (
+        m["source"].list.eval(pl.element() == "substring").list.any()
+    ).sum() > 0.8 * m.height  # captions match words
 
 
 def test_balance_flattens_the_distribution_and_reports_it(run):
@@ -70,9 +78,11 @@ def test_balance_flattens_the_distribution_and_reports_it(run):
     rep = manifests["balance"]["report"]
     before, after = rep["coverage_before"], rep["coverage_after"]
     assert after["gini_present"] < before["gini_present"] and after["head_share_top1pct"] < before["head_share_top1pct"]
-    out, rej = _rows(run_dir, "balance"), _rows(run_dir, "balance", rejects=True)
+    out, rej = stage_rows(run_dir, "balance"), stage_rows(run_dir, "balance", rejects=True)
     assert out.height == rep["selected"] and out.height + rej.height == manifests["match_concepts"]["counts"]["out"]
-    assert abs(out.height - rep["with_concepts"] / 2) <= 0.2 * rep["with_concepts"]  # target_fraction 0.5 (expected size)
+    assert (
+        abs(out.height - rep["with_concepts"] / 2) <= 0.2 * rep["with_concepts"]
+    )  # target_fraction 0.5 (expected size)
     assert set(rej["reason"]) <= {"balanced_out", "no_concepts"} and out["image"].null_count() == 0
     cov = pl.read_parquet(run_dir / "balance" / "coverage.parquet")
     assert cov["count_after"].sum() == out["concept_ids"].list.len().sum() and cov["text"].null_count() == 0
@@ -86,12 +96,15 @@ def test_balance_flattens_the_distribution_and_reports_it(run):
 
 def test_balance_selection_is_the_same_on_one_or_many_workers(run, demo_assets, tmp_path):
     run_dir, _ = run
-    raw = yaml.safe_load((ROOT / "pipelines/demo.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "curation/pipelines/demo.yaml").read_text())
     raw["stages"]["balance"]["params"]["vocab"] = _params(demo_assets, "balance")["vocab"]
     raw["stages"]["balance"]["resources"] = {"concurrency": 1}
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("balance", "_ray"))
     overrides = [f"ingest.urls={raw['stages']['ingest']['params']['urls']}"]
     m = run_pipeline(parse_pipeline(raw, "one-worker.yaml", overrides), copy, only=["balance"])["balance"]
-    assert m["parts"].keys() == {p for p in m["parts"]} and len(m["parts"]) > 1
-    assert _rows(copy, "balance")["uid"].sort().to_list() == _rows(run_dir, "balance")["uid"].sort().to_list()
+    assert len(set(m["parts"])) == len(m["parts"]) > 1
+    assert (
+        stage_rows(copy, "balance", also=())["uid"].sort().to_list()
+        == stage_rows(run_dir, "balance")["uid"].sort().to_list()
+    )

@@ -1,7 +1,9 @@
 """The embed stage: tiny open_clip weights through the real loading path, preprocessing parity, rejects, text."""
+
 import io
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -10,10 +12,18 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from curation.clip import TINY_MODEL, load_clip, make_tiny_checkpoint, model_id_for, pick_precision, register_tiny, weights_id
+from curation.concepts.clip import (
+    TINY_MODEL,
+    load_clip,
+    make_tiny_checkpoint,
+    model_id_for,
+    pick_precision,
+    register_tiny,
+    weights_id,
+)
+from curation.engine.store import REJECT_SCHEMA
 from curation.fixtures.photos import real_photos
 from curation.ops.embed import Embed, EmbedParams
-from curation.store import REJECT_SCHEMA
 from schemas import Embedding, arrow_schema
 
 
@@ -53,8 +63,14 @@ def _op(ckpt, tmp_path, **kw) -> Embed:
 
 
 def _table(uids, images, captions) -> pa.Table:
-    return pa.table({"uid": uids, "url": [f"http://127.0.0.1/{u}" for u in uids], "caption": pa.array(captions, pa.string()),
-                     "image": pa.array(images, pa.binary())})
+    return pa.table(
+        {
+            "uid": uids,
+            "url": [f"http://127.0.0.1/{u}" for u in uids],
+            "caption": pa.array(captions, pa.string()),
+            "image": pa.array(images, pa.binary()),
+        }
+    )
 
 
 def test_tiny_checkpoint_round_trips_through_pretrained_file(ckpt, clip, tmp_path):
@@ -163,11 +179,11 @@ def test_uncached_hub_tag_fails_fast_and_clearly(monkeypatch, tmp_path):
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HOME", str(tmp_path))  # open_clip's URL cache lives under ~/.cache/clip
     start = time.monotonic()
-    with pytest.raises(ValueError, match="not in the local cache.*pretrained=/path"):
+    with pytest.raises(ValueError, match=r"not in the local cache.*pretrained=/path"):
         load_clip("ViT-B-32-quickgelu", "metaclip_fullcc")
-    with pytest.raises(ValueError, match="neither a file nor a known tag"):
+    with pytest.raises(ValueError, match=r"neither a file nor a known tag"):
         load_clip("ViT-B-32-quickgelu", "no-such-tag")
-    with pytest.raises(ValueError, match="unknown open_clip model"):
+    with pytest.raises(ValueError, match=r"unknown open_clip model"):
         load_clip("no-such-model", "x")
     assert time.monotonic() - start < 3
 
@@ -178,7 +194,9 @@ def test_cached_hub_tag_loads_without_network(ckpt, monkeypatch, tmp_path):
     from open_clip import pretrained as opt
 
     register_tiny()
-    monkeypatch.setitem(opt._PRETRAINED, TINY_MODEL, {"cachedtag": opt._pcfg(hf_hub="curation/tiny-clip/", quick_gelu=True)})
+    monkeypatch.setitem(
+        opt._PRETRAINED, TINY_MODEL, {"cachedtag": opt._pcfg(hf_hub="curation/tiny-clip/", quick_gelu=True)}
+    )
     snap = tmp_path / "hf" / "models--curation--tiny-clip"
     (snap / "refs").mkdir(parents=True)
     (snap / "refs" / "main").write_text("0" * 40)
@@ -198,7 +216,7 @@ def test_cached_hub_tag_loads_without_network(ckpt, monkeypatch, tmp_path):
 
 def test_auto_precision_is_deterministic():
     assert pick_precision("auto", "cuda") == "bf16"
-    flags = open("/proc/cpuinfo").read()
+    flags = Path("/proc/cpuinfo").read_text()
     assert pick_precision("auto", "cpu") == ("bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32")
     assert pick_precision("fp16", "cpu") == "fp16"
     with pytest.raises(ValueError):

@@ -1,4 +1,5 @@
 """Faults: kill -9 during generation and between stages, a full disk, an unwritable run dir; then the same rows."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from curation.config import load_pipeline
-from curation.runner import run_pipeline
-from curation.store import StageDir
+from curation.engine.config import load_pipeline
+from curation.engine.driver import run_pipeline
+from curation.engine.store import StageDir
 from tests.conftest import ROOT, kill_ray_started_with
 from tests.faults_util import DEMO, kill_when, markers, snapshot
 
@@ -24,8 +25,14 @@ SYNTH = ["recaption", "conversation", "detail", "reasoning", "short_answer"]
 
 def _llm(url: str, cache: Path) -> list[str]:
     """The conversation stage on the openai backend, against the loopback server, with its own request cache."""
-    return ["conversation.backend=openai", f"conversation.base_url={url}", "conversation.model=fake-llm",
-            "conversation.api_key_env=UNSET_TEST_KEY", "conversation.concurrency=4", f"conversation.cache={cache}"]
+    return [
+        "conversation.backend=openai",
+        f"conversation.base_url={url}",
+        "conversation.model=fake-llm",
+        "conversation.api_key_env=UNSET_TEST_KEY",
+        "conversation.concurrency=4",
+        f"conversation.cache={cache}",
+    ]
 
 
 @pytest.mark.slow
@@ -42,8 +49,13 @@ def test_kill_during_generation_resumes_without_paying_twice(reference, tmp_path
         run = reference.copy(tmp_path / "run", UPSTREAM + SYNTH)
         cache = tmp_path / "run.sqlite"
         overrides = [*reference.overrides, *_llm(server.url, cache)]
-        # killed with requests in flight, once a part of the stage is committed
-        kill_when(run, overrides, lambda: len(markers(run, "conversation")) >= 1 and server.in_flight > 0)
+
+        # killed with requests in flight, once a part of the stage with rows in it is committed (an empty part
+        # commits without a request: killing after it alone would leave nothing answered)
+        def answered_part() -> bool:
+            return any(json.loads(m.read_text()).get("rows_in", 0) > 0 for m in markers(run, "conversation"))
+
+        kill_when(run, overrides, lambda: answered_part() and server.in_flight > 0)
         assert not (run / "conversation" / "_manifest.json").exists(), "the stage finished before the kill"
         sent = server.calls
         answered = len(RequestCache(cache))  # answers committed before the kill
@@ -78,7 +90,10 @@ def _parts_are_sound(run: Path) -> None:
     for marker in run.glob("*/_parts/process/*.json"):
         m, stage = json.loads(marker.read_text()), marker.parents[2]
         assert hashlib.sha256((stage / f"{marker.stem}.parquet").read_bytes()).hexdigest() == m["sha256"]
-        assert hashlib.sha256((stage / "rejects" / f"{marker.stem}.parquet").read_bytes()).hexdigest() == m["rejects_sha256"]
+        assert (
+            hashlib.sha256((stage / "rejects" / f"{marker.stem}.parquet").read_bytes()).hexdigest()
+            == m["rejects_sha256"]
+        )
     for part in run.glob("*/part-*.parquet"):
         pq.read_table(part)
 
@@ -158,12 +173,14 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path, where):
 
 
 def test_a_write_that_fills_the_disk_leaves_no_temp_file_and_says_so(disk):
-    from curation.store import atomic_write_bytes, storage_error
+    from curation.engine.store import atomic_write_bytes, storage_error
 
     _mount("-o", "remount,size=256k", str(disk))
     atomic_write_bytes(disk / "small.bin", b"x" * 1000)
     with pytest.raises(OSError) as e:
         atomic_write_bytes(disk / "part" / "big.bin", b"x" * 2**20)
-    assert "No space left on device" in storage_error(e.value) and str(disk / "part" / "big.bin") in storage_error(e.value)
+    assert "No space left on device" in storage_error(e.value) and str(disk / "part" / "big.bin") in storage_error(
+        e.value
+    )
     assert sorted(p.name for p in disk.rglob("*") if p.is_file()) == ["small.bin"]
     assert storage_error(ValueError("bad row")) is None and storage_error(FileNotFoundError(2, "gone", "x")) is None

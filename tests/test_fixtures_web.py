@@ -1,4 +1,5 @@
 """Synthetic web fixture: generator, loopback server and bundled real photos."""
+
 from __future__ import annotations
 
 import http.client
@@ -23,8 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from curation.fixtures.photos import real_photos
 from curation.fixtures.serve import WebServer, free_port
-from curation.fixtures.web import (BROKEN_VARIANTS, NEAR_VARIANTS, TRUTH_SCHEMA, URLS_SCHEMA, _overlap,
-                                   make_web)
+from curation.fixtures.web import BROKEN_VARIANTS, NEAR_VARIANTS, TRUTH_SCHEMA, URLS_SCHEMA, _overlap, make_web
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore proxy settings
 CAPTION_KINDS = {"clean", "short", "boilerplate", "missing", "long", "non_english"}
@@ -47,8 +47,9 @@ def web(tmp_path_factory):
     summary = make_web(root, 60, port, seed=0)
     truth = pq.read_table(root / "truth.parquet").to_pylist()
     with WebServer(root) as server:
-        yield SimpleNamespace(root=root, port=port, summary=summary, truth=truth, server=server,
-                              by_url={r["url"]: r for r in truth})
+        yield SimpleNamespace(
+            root=root, port=port, summary=summary, truth=truth, server=server, by_url={r["url"]: r for r in truth}
+        )
 
 
 def rows(web, kind: str | None = None, variant: str | None = None) -> list[dict]:
@@ -92,8 +93,7 @@ def test_images_decode_and_match_truth(web):
         if r["kind"] == "broken":
             continue
         status, ctype, body = fetch(r["url"])
-        assert status == 200 and ctype == {".jpg": "image/jpeg", ".png": "image/png"}[
-            Path(r["url"]).suffix]
+        assert status == 200 and ctype == {".jpg": "image/jpeg", ".png": "image/png"}[Path(r["url"]).suffix]
         im = Image.open(io.BytesIO(body))
         im.load()
         assert im.size == (r["width"], r["height"]), r["url"]
@@ -140,7 +140,7 @@ def test_duplicates(web):
         assert local(web, r["url"]).read_bytes() != local(web, r["source_url"]).read_bytes()
         assert phash(r["url"]) - phash(r["source_url"]) <= 8, r
     hashes = [phash(r["url"]) for r in rows(web, "ok")]
-    far = [a - b > 10 for i, a in enumerate(hashes) for b in hashes[i + 1:]]
+    far = [a - b > 10 for i, a in enumerate(hashes) for b in hashes[i + 1 :]]
     assert sum(far) / len(far) > 0.95
 
 
@@ -151,8 +151,7 @@ def test_same_seed_same_web(web, tmp_path):
         assert (again / name).read_bytes() == (web.root / name).read_bytes(), name
     names = sorted(p.name for p in (web.root / "files").iterdir())
     assert names == sorted(p.name for p in (again / "files").iterdir())
-    assert all((again / "files" / n).read_bytes() == (web.root / "files" / n).read_bytes()
-               for n in names)
+    assert all((again / "files" / n).read_bytes() == (web.root / "files" / n).read_bytes() for n in names)
     make_web(again, 60, web.port, seed=1)  # regenerating in place replaces the old web
     assert (again / "urls.parquet").read_bytes() != (web.root / "urls.parquet").read_bytes()
 
@@ -183,11 +182,15 @@ def test_simple_scenes(tmp_path):
         assert r["height"] == side and 1 <= len(r["objects"]) <= 3
         boxes = [o["box"] for o in r["objects"]]
         assert all(0.3 * side - 1 <= b[2] - b[0] <= 0.5 * side for b in boxes)
-        assert all(_overlap(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert all(_overlap(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1 :])
         im = Image.open(local(SimpleNamespace(root=tmp_path / "simple"), r["url"])).convert("RGB")
         step = side // 16
-        outside = [(x, y) for x in range(step // 2, side, step) for y in range(step // 2, side, step)
-                   if not any(b[0] - 3 <= x < b[2] + 3 and b[1] - 3 <= y < b[3] + 3 for b in boxes)]
+        outside = [
+            (x, y)
+            for x in range(step // 2, side, step)
+            for y in range(step // 2, side, step)
+            if not any(b[0] - 3 <= x < b[2] + 3 and b[1] - 3 <= y < b[3] + 3 for b in boxes)
+        ]
         assert outside and all(min(im.getpixel(p)) > 225 for p in outside)  # plain white background
     with pytest.raises(ValueError, match="scenes"):
         make_web(tmp_path / "bad", 30, 8000, scenes="fancy")
@@ -215,8 +218,9 @@ def test_server_serves_only_files(web):
 
 def test_cli_serves_until_interrupted(web):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "curation.fixtures.serve", str(web.root),
-                             str(port)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curation.fixtures.serve", str(web.root), str(port)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert "serving" in proc.stdout.readline()
         url = f"http://127.0.0.1:{port}/files/" + rows(web, "ok")[0]["url"].rsplit("/", 1)[1]

@@ -5,6 +5,7 @@ instruct(short_answer, rules: a colour and an all-shapes count question per imag
 (stage 2) -> trainer.evaluate. Held-out accuracy must beat both the majority answer and the same model shown blank
 images by a margin; a model that ignores the image (or a broken image path) scores at most the larger of the two.
 """
+
 from __future__ import annotations
 
 import io
@@ -18,7 +19,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from bench.learning import MARGIN, learn
 from curation.synth.rules import SHORT_ANSWER
-from schemas import Instruction, arrow_schema
+from schemas import ImageInstruction, Instruction, arrow_schema
 from trainer.config import load_config
 from trainer.evaluate import Question, candidate_answers, evaluate, question_type, questions
 from trainer.tiny import make_tiny_all
@@ -28,11 +29,13 @@ CONTROL_MARGIN = 0.3  # measured: 1.0 held-out vs 0.25-0.3 majority and blank
 # The chain's margins over max(majority, blank) are bench.learning.MARGIN (colour 0.2, count_total 0.1); measured at
 # 800 URLs / 600 steps: colour +0.33..+0.37, count_total +0.16..+0.34 (bench/RESULTS.md "Learning").
 
+SHARD = arrow_schema(ImageInstruction)  # a shard holding its own images
 COLOURS = {"Red": (220, 30, 30), "Green": (30, 180, 40), "Blue": (30, 50, 220), "Yellow": (240, 220, 20)}
 
 
 def square_rows(n: int, seed: int) -> list[dict]:
-    """Instruction rows: one coloured square (random size and place) on white, asked for its colour."""
+    """Instruction rows with their images: one coloured square (random size and place) on white, asked for its
+    colour."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -41,10 +44,19 @@ def square_rows(n: int, seed: int) -> list[dict]:
         img.paste(Image.new("RGB", (side, side), COLOURS[name]), (rng.randint(0, 64 - side), rng.randint(0, 64 - side)))
         buf = io.BytesIO()
         img.save(buf, "PNG")
-        conv = [{"from": "human", "value": "<image>\nWhat color is the square?\n" + SHORT_ANSWER},
-                {"from": "gpt", "value": name}]
-        rows.append(Instruction(id=f"s{seed}-{i}", uid=f"s{seed}-{i}", kind="short_answer", conversations=conv,
-                                model="test", prompt_version="v0", image=buf.getvalue()).model_dump(by_alias=True))
+        conv = [
+            {"from": "human", "value": "<image>\nWhat color is the square?\n" + SHORT_ANSWER},
+            {"from": "gpt", "value": name},
+        ]
+        row = Instruction(
+            id=f"s{seed}-{i}",
+            uid=f"s{seed}-{i}",
+            kind="short_answer",
+            conversations=conv,
+            model="test",
+            prompt_version="v0",
+        )
+        rows.append({**row.model_dump(by_alias=True), "image": buf.getvalue()})
     return rows
 
 
@@ -55,13 +67,25 @@ def result(ray_session, tmp_path_factory):
 
 
 def test_question_parsing():
-    rows = [{"uid": "a", "image": b"x", "conversations": [
-        {"from": "human", "value": "<image>\nWhat color is the star?\nAnswer the question using a single word."},
-        {"from": "gpt", "value": "Red"},
-        {"from": "human", "value": "How many circles are there in the image?\nAnswer briefly."},
-        {"from": "gpt", "value": "two"},
-        {"from": "human", "value": "How many shapes are there in the image?"}, {"from": "gpt", "value": "three"},
-        {"from": "human", "value": "Where is the red star in the image?"}, {"from": "gpt", "value": "Top"}]}]
+    rows = [
+        {
+            "uid": "a",
+            "image": b"x",
+            "conversations": [
+                {
+                    "from": "human",
+                    "value": "<image>\nWhat color is the star?\nAnswer the question using a single word.",
+                },
+                {"from": "gpt", "value": "Red"},
+                {"from": "human", "value": "How many circles are there in the image?\nAnswer briefly."},
+                {"from": "gpt", "value": "two"},
+                {"from": "human", "value": "How many shapes are there in the image?"},
+                {"from": "gpt", "value": "three"},
+                {"from": "human", "value": "Where is the red star in the image?"},
+                {"from": "gpt", "value": "Top"},
+            ],
+        }
+    ]
     qs = questions(rows)
     assert [(q.type, q.answer) for q in qs] == [("colour", "Red"), ("count", "two"), ("count_total", "three")]
     assert "<image>" not in qs[0].text and qs[0].text.endswith("single word.")
@@ -96,13 +120,32 @@ def test_colour_is_read_from_the_image_when_the_tower_can_see_it(tmp_path):
     shard = tmp_path / "train" / "part-00000.parquet"
     shard.parent.mkdir()
     train_rows, test_rows = square_rows(200, seed=1), square_rows(80, seed=2)
-    pq.write_table(pa.Table.from_pylist(train_rows, schema=arrow_schema(Instruction)), shard)
+    pq.write_table(pa.Table.from_pylist(train_rows, schema=SHARD), shard)
     parts = make_tiny_all(tmp_path / "models")
-    train(load_config(None, {"stage": 2, "shards": [str(shard.parent)], "vision": str(parts["vision"]),
-                             "lm": str(parts["lm"]), "out": str(tmp_path / "o"), "max_len": 512, "rows_per_step": 4,
-                             "max_steps": 150, "lr": 3e-3, "warmup_steps": 10}))
+    train(
+        load_config(
+            None,
+            {
+                "stage": 2,
+                "shards": [str(shard.parent)],
+                "vision": str(parts["vision"]),
+                "lm": str(parts["lm"]),
+                "out": str(tmp_path / "o"),
+                "max_len": 512,
+                "rows_per_step": 4,
+                "max_steps": 150,
+                "lr": 3e-3,
+                "warmup_steps": 10,
+            },
+        )
+    )
     final = tmp_path / "o" / "final"
-    r = evaluate(load_trained(tmp_path / "o"), AutoTokenizer.from_pretrained(str(final / "lm")),
-                 AutoImageProcessor.from_pretrained(str(final / "vision")), train_rows, test_rows)["colour"]
+    r = evaluate(
+        load_trained(tmp_path / "o"),
+        AutoTokenizer.from_pretrained(str(final / "lm")),
+        AutoImageProcessor.from_pretrained(str(final / "vision")),
+        train_rows,
+        test_rows,
+    )["colour"]
     assert r["accuracy"] > r["majority_rate"] + CONTROL_MARGIN, r
     assert r["accuracy"] > r["blank_accuracy"] + CONTROL_MARGIN, r  # a broken image path scores like blank

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from curation import neardup
-from curation.neardup import brute_force_groups, choose_plan, near_duplicate_groups, phash_u64
+from curation.dedup import leaders, neardup
+from curation.dedup.neardup import brute_force_groups, choose_plan, near_duplicate_groups, phash_u64
 
 
 def _distance(a: int, b: int) -> int:
@@ -161,9 +161,7 @@ def test_matches_brute_force_on_planted_clusters(max_distance: int) -> None:
 
 
 @pytest.mark.parametrize(("n_bits", "max_distance"), [(12, 1), (20, 1), (20, 3), (12, 6), (12, 12)])
-def test_matches_brute_force_with_huge_buckets(
-    n_bits: int, max_distance: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_matches_brute_force_with_huge_buckets(n_bits: int, max_distance: int, monkeypatch: pytest.MonkeyPatch) -> None:
     hashes = _low_entropy(seed=max_distance, n_bits=n_bits)
     expected = brute_force_groups(hashes, max_distance)
     np.testing.assert_array_equal(near_duplicate_groups(hashes, max_distance, method="mih"), expected)
@@ -233,3 +231,49 @@ def test_edge_cases_and_input_types() -> None:
         near_duplicate_groups(np.array([1], dtype=np.uint64), 65)
     with pytest.raises(TypeError, match="integers"):
         near_duplicate_groups(np.array([1.5]), 3)
+
+
+def test_leader_groups_do_not_chain() -> None:
+    """The path a ~ b ~ c: components put c with a (6 bits apart at max_distance 3); leaders do not."""
+    a = 0x0123_4567_89AB_CDEF
+    b, far = a ^ 0b111, ~a & (2**64 - 1)
+    c = b ^ (0b111 << 40)
+    hashes = np.array([a, b, c, far, b], dtype=np.uint64)  # best first: a leads, takes b; c leads its own group
+    np.testing.assert_array_equal(leaders.leader_groups(hashes, 3), [0, 0, 2, 3, 0])
+    np.testing.assert_array_equal(near_duplicate_groups(hashes, 3), [0, 0, 0, 3, 0])
+    # the order decides: with b first, b takes both a and c (each 3 bits from it)
+    np.testing.assert_array_equal(leaders.leader_groups(hashes[[1, 0, 2]], 3), [0, 0, 0])
+
+
+@pytest.mark.parametrize("max_distance", [0, 3, 6, 10])
+def test_leader_groups_match_the_brute_force_definition(max_distance: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    hashes = np.concatenate([_planted(seed=max_distance, n_random=400, n_clusters=60), _low_entropy(1, n=300)])
+    expected = leaders.brute_force_leaders(hashes, max_distance)
+    assert np.unique(expected).size < hashes.size
+    for method in ("auto", "pairwise", "mih") if max_distance else ("auto",):
+        np.testing.assert_array_equal(leaders.leader_groups(hashes, max_distance, method=method), expected)
+    monkeypatch.setattr(neardup, "PAIR_CHUNK", 64)  # small chunks: the same pairs
+    np.testing.assert_array_equal(leaders.leader_groups(hashes, max_distance), expected)
+    dist = neardup.popcount64(hashes ^ hashes[expected])
+    assert (dist <= max_distance).all()  # every member near its leader
+    heads = hashes[np.unique(expected)]
+    close = neardup.popcount64(heads[:, None] ^ heads[None, :]) <= max_distance
+    assert close.sum() == heads.size  # no two leaders are near duplicates of each other
+
+
+@pytest.mark.parametrize("max_distance", [0, 4, 8])
+def test_verified_leader_groups_match_the_brute_force_definition(max_distance: int) -> None:
+    """A second signal refuses some candidates (here: a fixed rule on the two indices); those stay free to lead."""
+    hashes = np.concatenate([_planted(seed=3, n_random=200, n_clusters=40), _low_entropy(2, n=200)])
+
+    def verify(leader: int, cand: np.ndarray) -> np.ndarray:
+        return (leader * 7 + cand) % 3 != 0
+
+    expected = leaders.brute_force_leaders(hashes, max_distance, verify)
+    got = leaders.leader_groups(hashes, max_distance, verify=verify)
+    np.testing.assert_array_equal(got, expected)
+    refused = got != leaders.leader_groups(hashes, max_distance)
+    assert refused.any()  # the rule changed some groups
+    assert (neardup.popcount64(hashes ^ hashes[got]) <= max_distance).all()
+    members = np.flatnonzero(got != np.arange(hashes.size))
+    assert verify(0, np.zeros(0, int)).size == 0 and all(verify(int(got[m]), np.array([m]))[0] for m in members)

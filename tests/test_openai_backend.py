@@ -1,4 +1,5 @@
 """The openai backend and the request cache against the loopback fake OpenAI server."""
+
 from __future__ import annotations
 
 import os
@@ -13,12 +14,22 @@ from pathlib import Path
 import pytest
 
 from curation.fixtures.llm_server import LLMServer, body_hash
-from curation.synth.cache import RequestCache, cached_generate, key_for, run_cached
-from curation.synth.openai_backend import ERROR_REASONS, OpenAIBackend, Request, run_sync
+from curation.synth.cache import RequestCache, key_for, run_cached
+from curation.synth.openai_backend import ERROR_REASONS, OpenAIBackend
+from curation.synth.types import Request, run_sync
 
 SECRET = "sk-test-SECRET-7f3a9c"
-FAULTS = {"429": 0.12, "500": 0.08, "503": 0.04, "timeout": 0.04, "malformed": 0.06, "missing_choices": 0.04,
-          "truncated": 0.05, "empty": 0.02, "refusal": 0.02}
+FAULTS = {
+    "429": 0.12,
+    "500": 0.08,
+    "503": 0.04,
+    "timeout": 0.04,
+    "malformed": 0.06,
+    "missing_choices": 0.04,
+    "truncated": 0.05,
+    "empty": 0.02,
+    "refusal": 0.02,
+}
 MODEL = "fake-llm"
 
 
@@ -30,10 +41,17 @@ def _api_key(monkeypatch):
 
 def make_requests(n: int, tag: str = "") -> list[Request]:
     """n distinct small chat requests."""
-    return [Request(key=f"row-{i}", prompt_version="v1",
-                    messages=[{"role": "system", "content": "You describe images."},
-                              {"role": "user", "content": f"{tag}item {i}: a red bicycle leaning on a blue door"}])
-            for i in range(n)]
+    return [
+        Request(
+            key=f"row-{i}",
+            prompt_version="v1",
+            messages=[
+                {"role": "system", "content": "You describe images."},
+                {"role": "user", "content": f"{tag}item {i}: a red bicycle leaning on a blue door"},
+            ],
+        )
+        for i in range(n)
+    ]
 
 
 def sent_hash(req: Request) -> str:
@@ -52,8 +70,16 @@ def test_faults_end_in_one_result_each_and_rerun_only_retries_failures(tmp_path,
     """Latency, 429, 5xx, timeouts, malformed and truncated: one result per request, bounded sends, cache reuse."""
     retries = 2
     with LLMServer(latency=0.005, faults=FAULTS, max_failures=3, stall=1.0, api_key=SECRET) as server:
-        backend = OpenAIBackend(server.url, MODEL, concurrency=16, timeout=0.4, max_retries=retries,
-                                price_per_1k_prompt=1.0, price_per_1k_completion=2.0, transport=transport)
+        backend = OpenAIBackend(
+            server.url,
+            MODEL,
+            concurrency=16,
+            timeout=0.4,
+            max_retries=retries,
+            price_per_1k_prompt=1.0,
+            price_per_1k_completion=2.0,
+            transport=transport,
+        )
         cache = RequestCache(tmp_path / "cache.sqlite")
         reqs = make_requests(150)
         first = run_cached(backend, cache, reqs)
@@ -93,10 +119,18 @@ def test_identical_requests_are_sent_once(tmp_path):
 def test_key_for_is_canonical():
     """The key depends on the four things, not on dict order."""
     msgs = [{"role": "user", "content": "hi"}]
-    assert key_for("v1", "m", {"temperature": 0.2, "top_p": 1.0}, msgs) == \
-        key_for("v1", "m", {"top_p": 1.0, "temperature": 0.2}, [{"content": "hi", "role": "user"}])
-    assert len({key_for(*args, msgs) for args in [("v1", "m", {}), ("v2", "m", {}), ("v1", "n", {}),
-                                                   ("v1", "m", {"temperature": 0.7})]}) == 4
+    assert key_for("v1", "m", {"temperature": 0.2, "top_p": 1.0}, msgs) == key_for(
+        "v1", "m", {"top_p": 1.0, "temperature": 0.2}, [{"content": "hi", "role": "user"}]
+    )
+    assert (
+        len(
+            {
+                key_for(*args, msgs)
+                for args in [("v1", "m", {}), ("v2", "m", {}), ("v1", "n", {}), ("v1", "m", {"temperature": 0.7})]
+            }
+        )
+        == 4
+    )
 
 
 CHILD = textwrap.dedent("""
@@ -104,7 +138,8 @@ CHILD = textwrap.dedent("""
     from curation.synth.cache import RequestCache, run_cached
     from curation.synth.openai_backend import OpenAIBackend
     from tests.test_openai_backend import MODEL, make_requests
-    run_cached(OpenAIBackend(sys.argv[1], MODEL, concurrency=4), RequestCache(sys.argv[2]), make_requests(int(sys.argv[3])))
+    backend = OpenAIBackend(sys.argv[1], MODEL, concurrency=4)
+    run_cached(backend, RequestCache(sys.argv[2]), make_requests(int(sys.argv[3])))
 """)
 
 
@@ -115,8 +150,9 @@ def test_cache_survives_a_kill_mid_batch(tmp_path):
     with LLMServer(latency=0.03) as server:
         root = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": str(root)}
-        child = subprocess.Popen([sys.executable, "-c", CHILD, server.url, str(tmp_path / "c.sqlite"), str(n)],
-                                 cwd=root, env=env)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, server.url, str(tmp_path / "c.sqlite"), str(n)], cwd=root, env=env
+        )
         deadline = time.monotonic() + 20
         while server.calls < 40 and time.monotonic() < deadline and child.poll() is None:
             time.sleep(0.01)
@@ -154,8 +190,10 @@ def test_api_key_never_shown():
     with LLMServer(api_key="another-key") as server:  # 401: not retried, the key not echoed
         wrong = backend.__class__(server.url, MODEL, max_retries=3).run(make_requests(2))
         assert [(r.error_reason, r.attempts) for r in wrong] == [("bad_request", 1)] * 2 and server.calls == 2
-    closed = [OpenAIBackend("http://127.0.0.1:9/v1", MODEL, max_retries=0, timeout=2, transport=t).run(
-        make_requests(1))[0] for t in ("aiohttp", "httpx")]  # nothing listens on port 9
+    closed = [
+        OpenAIBackend("http://127.0.0.1:9/v1", MODEL, max_retries=0, timeout=2, transport=t).run(make_requests(1))[0]
+        for t in ("aiohttp", "httpx")
+    ]  # nothing listens on port 9
     assert [r.error_reason for r in closed] == ["connection_error"] * 2
     shown = [repr(backend), str(backend.stats()), *(r.model_dump_json() for r in results + wrong + closed)]
     assert all(SECRET not in s for s in shown)

@@ -1,10 +1,11 @@
 """The same DAG submitted with `ray job submit` to a Ray cluster started here gives the same rows as the local run."""
+
 from __future__ import annotations
 
 import pytest
 
-from curation.config import load_pipeline
-from curation.runner import run_pipeline
+from curation.engine.config import load_pipeline
+from curation.engine.driver import run_pipeline
 from tests.conftest import free_port, kill_ray_started_with
 from tests.faults_util import DEMO, demo_overrides, job_submit, snapshot, start_cluster
 

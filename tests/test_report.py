@@ -1,4 +1,5 @@
 """`curate report`: the demo run's report.html in headless Chromium, a run without balance or LLM stages, escaping."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,17 @@ import yaml
 from typer.testing import CliRunner
 
 from curation.cli import app
-from curation.report import build_report, write_report
-from curation.status import run_status
+from curation.engine.status import run_status
+from curation.inspect.report import build_report, write_report
+from schemas.rundir import RunDir
 from tests.conftest import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
-needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium "
-                                    "(apt-get install chromium; `make` does it): no browser to open the report in")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="Debian chromium is not installed at /usr/bin/chromium "
+    "(apt-get install chromium; `make` does it): no browser to open the report in",
+)
 SECTIONS = ["funnel", "dedup", "coverage", "lengths", "llm", "gallery"]
 HOSTILE = 'A red star <script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> & "quotes"'
 
@@ -38,7 +43,8 @@ def browser():
 
 
 def open_report(browser, path: Path):
-    """The report in a fresh page; returns (page, problems): console errors, page errors, dialogs, non-local requests."""
+    """The report in a fresh page; returns (page, problems): console errors, page errors, dialogs, non-local
+    requests."""
     page = browser.new_page()
     problems: list[str] = []
     page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
@@ -79,7 +85,9 @@ def test_demo_report_opens_in_chromium_with_every_section(demo_run, browser):
 
     # the funnel table is the manifests' counts
     st = {s["stage"]: s for s in run_status(run)["stages"]}
-    table = page.eval_on_selector("section#funnel table", "t => [...t.rows].slice(1).map(r => [...r.cells].map(c => c.innerText))")
+    table = page.eval_on_selector(
+        "section#funnel table", "t => [...t.rows].slice(1).map(r => [...r.cells].map(c => c.innerText))"
+    )
     assert [r[0] for r in table] == list(st)
     for stage, _, _, n_in, n_out, n_rej in table:
         assert (int(n_in), int(n_out), int(n_rej)) == (st[stage]["in"], st[stage]["out"], st[stage]["rejected"])
@@ -88,20 +96,32 @@ def test_demo_report_opens_in_chromium_with_every_section(demo_run, browser):
     cov = st["balance"]["report"]
     assert f"{cov['selected']} of {cov['pool']} images kept" in page.inner_text("section#coverage")
 
-    # gallery rows: image, alt-text, recaption and the conversations of that uid, as the Parquet has them
+    # gallery rows: balance's images, with the image, url and alt-text ingest stored for each (balance's rows are
+    # thin), the recaption and the conversations of that uid, as the Parquet has them
+    assert not {"image", "caption", "url"} & set(_rows(run, "balance").columns)
     rows = page.locator("section#gallery .row")
     assert 0 < rows.count() <= 8
-    assert all(w > 0 for w in _loaded(page, "section#gallery .row img"))
-    balance = _rows(run, "balance").select("uid", "caption")
+    assert "rows of stage balance" in page.inner_text("section#gallery")
+    widths = _loaded(page, "section#gallery .row img")
+    assert len(widths) == rows.count() and all(w > 0 for w in widths)
+    balance = pl.from_arrow(RunDir(run).read("balance", ["url", "caption"]))
     recaps = dict(_rows(run, "recaption").select("uid", "recaption").iter_rows())
     instruct = [s for s in st if st[s]["op"] == "instruct"]
     for i in range(rows.count()):
         row = rows.nth(i)
         uid = row.get_attribute("data-uid")
-        assert _norm(row.locator(".caption").inner_text()) == _norm(balance.filter(pl.col("uid") == uid)["caption"][0])
+        want = balance.filter(pl.col("uid") == uid)
+        assert want.height == 1 and want["caption"][0]
+        assert _norm(row.locator(".caption").inner_text()) == _norm(want["caption"][0])
+        assert want["url"][0] in row.inner_text()
         assert _norm(row.locator(".recaption").inner_text()) == _norm(recaps[uid])
         want = sum(_rows(run, s).filter(pl.col("uid") == uid).height for s in instruct)
         assert row.locator(".conv").count() == want > 0
+    # the alt-text lengths are those of balance's rows, their captions read from ingest
+    stats = page.eval_on_selector_all(
+        "section#lengths table tr", "rs => rs.map(r => [...r.cells].map(c => c.innerText))"
+    )
+    assert ["alt-text (balance)", str(balance.height)] in [r[:2] for r in stats]
     assert not problems, problems
     page.close()
 
@@ -109,18 +129,23 @@ def test_demo_report_opens_in_chromium_with_every_section(demo_run, browser):
 @pytest.mark.slow
 @needs_chromium
 def test_cli_report_and_a_run_without_balance_or_llm_stages(demo_run, browser, tmp_path):
-    from curation.config import parse_pipeline
+    from curation.engine.config import parse_pipeline
+    from curation.engine.driver import run_pipeline
     from curation.fixtures.serve import WebServer
-    from curation.runner import run_pipeline
 
     run, web = demo_run
-    raw = yaml.safe_load((ROOT / "pipelines/demo.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "curation/pipelines/demo.yaml").read_text())
     raw["stages"] = {k: raw["stages"][k] for k in ("ingest", "dedup", "filter")}
     small = tmp_path / "small"
-    shutil.copytree(run, small, ignore=lambda d, names: [n for n in names if Path(d) == run and n not in
-                                                          ("ingest", "dedup", "filter")])
+    shutil.copytree(
+        run,
+        small,
+        ignore=lambda d, names: [n for n in names if Path(d) == run and n not in ("ingest", "dedup", "filter")],
+    )
     with WebServer(web):  # finished stages are reused; the server is there in case ingest reruns
-        run_pipeline(parse_pipeline(raw, "small.yaml", [f"ingest.urls={web / 'urls.parquet'}", "ingest.shard_size=60"]), small)
+        run_pipeline(
+            parse_pipeline(raw, "small.yaml", [f"ingest.urls={web / 'urls.parquet'}", "ingest.shard_size=60"]), small
+        )
     assert json.loads((small / "_pipeline.json").read_text())["order"] == ["ingest", "dedup", "filter"]
 
     out = tmp_path / "r.html"
@@ -133,8 +158,10 @@ def test_cli_report_and_a_run_without_balance_or_llm_stages(demo_run, browser, t
     assert "No instruct stage" in page.inner_text("section#lengths")
     assert all(w > 0 for w in _loaded(page, "section#lengths img.plot"))
     uids = set(_rows(small, "filter")["uid"])
-    shown = [page.locator("section#gallery .row").nth(i).get_attribute("data-uid")
-             for i in range(page.locator("section#gallery .row").count())]
+    shown = [
+        page.locator("section#gallery .row").nth(i).get_attribute("data-uid")
+        for i in range(page.locator("section#gallery .row").count())
+    ]
     assert shown and set(shown) <= uids
     assert "filter" in page.inner_text("section#gallery")
     assert not problems, problems
@@ -154,7 +181,7 @@ def test_hostile_captions_are_shown_as_text(demo_run, browser, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("_ray", "report.html"))
     hostile = lambda t, col: t.set_column(t.schema.get_field_index(col), col, pa.array([HOSTILE] * t.num_rows))  # noqa: E731
-    _rewrite(copy / "balance", lambda t: hostile(t, "caption"))
+    _rewrite(copy / "ingest", lambda t: hostile(t, "caption"))  # where balance's rows' alt-text is stored
     _rewrite(copy / "recaption", lambda t: hostile(t, "recaption"))
     html = write_report(copy).read_text()
     assert HOSTILE not in html and "<script>" not in html.lower()
@@ -179,13 +206,34 @@ def test_a_run_with_no_finished_stage_still_reports(tmp_path):
 
 
 def test_llm_section_shows_usage_and_failure_rates():
-    from curation.report import render
+    from curation.inspect import render
 
-    usage = {"model": "gpt-x", "requests": 50, "successes": 45, "failures": {"rate_limited": 3, "timeout": 2},
-             "prompt_tokens": 12345, "completion_tokens": 678, "cost": 0.0421, "retries": 7, "wall_s": 3.5, "cached": 10}
-    stage = {"stage": "conversation", "op": "instruct", "kind": "conversation", "backend": "openai", "model": "gpt-x",
-             "in": 40, "out": 30, "rejected": 10, "failure_rate": 0.25, "llm_failures": 4,
-             "reasons": {"llm_rate_limited": 4, "unparseable": 6}, "usage": usage}
+    usage = {
+        "model": "gpt-x",
+        "requests": 50,
+        "successes": 45,
+        "failures": {"rate_limited": 3, "timeout": 2},
+        "prompt_tokens": 12345,
+        "completion_tokens": 678,
+        "cost": 0.0421,
+        "retries": 7,
+        "wall_s": 3.5,
+        "cached": 10,
+    }
+    stage = {
+        "stage": "conversation",
+        "op": "instruct",
+        "kind": "conversation",
+        "backend": "openai",
+        "model": "gpt-x",
+        "in": 40,
+        "out": 30,
+        "rejected": 10,
+        "failure_rate": 0.25,
+        "llm_failures": 4,
+        "reasons": {"llm_rate_limited": 4, "unparseable": 6},
+        "usage": usage,
+    }
     html = render.llm([stage])
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", html)
     for value in ["12345", "678", "0.0421", "7", "10", "0.25", "0.1", "rate_limited: 3, timeout: 2"]:
@@ -195,8 +243,10 @@ def test_llm_section_shows_usage_and_failure_rates():
 
 @pytest.mark.slow
 def test_curate_demo_ends_by_writing_the_report(demo_run, tmp_path, monkeypatch):
-    """`make demo` runs `curate demo`: its last step writes RUN/report.html and prints the path (the DAG run is reused)."""
+    """`make demo` runs `curate demo`: its last step writes RUN/report.html and prints the path (the DAG run is
+    reused)."""
     import curation.cli as cli
+    import curation.fixtures.demo as demo_fixtures
 
     run, _ = demo_run
 
@@ -205,7 +255,7 @@ def test_curate_demo_ends_by_writing_the_report(demo_run, tmp_path, monkeypatch)
         return run_dir
 
     monkeypatch.setattr(cli, "execute", reuse)
-    monkeypatch.setattr(cli, "demo_assets", lambda out, urls: (out / "model.pt", out / "vocab.parquet"))
+    monkeypatch.setattr(demo_fixtures, "demo_assets", lambda out, urls: (out / "model.pt", out / "vocab.parquet"))
     res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--n", "30"])
     assert res.exit_code == 0, res.output
     report = tmp_path / "demo" / "run" / "report.html"

@@ -1,4 +1,5 @@
 """The rules backend: answers follow from the boxes, formats are LLaVA's, output is deterministic."""
+
 import re
 
 import pytest
@@ -24,7 +25,10 @@ def test_llava_format_and_determinism(kind):
 
 def test_answers_follow_from_the_boxes():
     turns = generate("u2", "short_answer", OBJECTS, [], VOCAB, max_turns=20)
-    qa = {turns[i]["value"].replace("<image>\n", "").split("\n")[0]: turns[i + 1]["value"] for i in range(0, len(turns), 2)}
+    qa = {
+        turns[i]["value"].replace("<image>\n", "").split("\n")[0]: turns[i + 1]["value"]
+        for i in range(0, len(turns), 2)
+    }
     assert qa["How many circles are there in the image?"] == "two"
     assert qa["How many stars are there in the image?"] == "one"
     assert qa["How many shapes are there in the image?"] == "three"  # all objects, whatever their kind
@@ -79,7 +83,8 @@ def test_max_turns_and_ask_choose_the_questions():
     asked = [t["value"].replace("<image>\n", "").split("\n")[0] for t in picked[::2]]
     assert set(asked) == {"What color is the star?", "How many shapes are there in the image?"}
     assert all(t in every[1::2] for t in picked[1::2])  # same answers as without the filter
-    assert generate("u7", "short_answer", OBJECTS, [], VOCAB) == generate("u7", "short_answer", OBJECTS, [], VOCAB,
-                                                                           ask=QUESTIONS)
+    assert generate("u7", "short_answer", OBJECTS, [], VOCAB) == generate(
+        "u7", "short_answer", OBJECTS, [], VOCAB, ask=QUESTIONS
+    )
     two_circles = OBJECTS[:2]  # a colour question would be ambiguous: none fits
     assert generate("u8", "conversation", two_circles, [], VOCAB, ask=["colour"]) == []

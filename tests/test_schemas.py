@@ -1,4 +1,5 @@
 """The row contract: Arrow schemas derived from the models, validation of stage outputs, JSON Schema export."""
+
 import json
 
 import pyarrow as pa
@@ -6,12 +7,33 @@ import pytest
 from typer.testing import CliRunner
 
 from curation.cli import app
-from schemas import TABLES, Image, Instruction, Reject, RowContractError, arrow_schema, conform
+from schemas import (
+    TABLES,
+    Image,
+    Instruction,
+    Reject,
+    RowContractError,
+    TrainSample,
+    TrainSequence,
+    arrow_schema,
+    conform,
+)
+from schemas.rows import subset
 
 
 def _image_row(**kw):
-    row = {"uid": "a" * 16, "url": "http://127.0.0.1/x.jpg", "caption": None, "sha256": "0" * 64, "width": 4,
-           "height": 4, "original_width": 4, "original_height": 4, "image": b"\xff\xd8", "exif": None}
+    row = {
+        "uid": "a" * 16,
+        "url": "http://127.0.0.1/x.jpg",
+        "caption": None,
+        "sha256": "0" * 64,
+        "width": 4,
+        "height": 4,
+        "original_width": 4,
+        "original_height": 4,
+        "image": b"\xff\xd8",
+        "exif": None,
+    }
     row.update(kw)
     return row
 
@@ -24,6 +46,19 @@ def test_arrow_schema_follows_the_model():
     assert conv.value_type.names == ["from", "value"]  # the alias, LLaVA's key
     for model in TABLES.values():  # every table maps
         assert arrow_schema(model).names == [f.alias or n for n, f in model.model_fields.items()]
+
+
+def test_trainer_models_come_from_the_contract():
+    sample, inst, image = arrow_schema(TrainSample), arrow_schema(Instruction), arrow_schema(Image)
+    assert sample.names == ["id", "uid", "conversations", "image"] and "TrainSample" not in TABLES  # a view
+    assert all(sample.field(n) == inst.field(n) for n in sample.names[:3])  # Instruction's definitions, shared
+    assert sample.field("image") == image.field("image") and "image" not in inst.names  # the image is stored once
+    with pytest.raises(TypeError, match=r"no fields \['Instruction.picture'\]"):  # a rename fails at import
+        subset("X", "x", {"id": Instruction, "picture": Instruction})
+    packed = arrow_schema(TrainSequence)
+    assert packed.names == ["seq_id", "sample_ids", "lengths", "input_ids", "labels", "images"]
+    items = [packed.field(n).type.value_type for n in packed.names[1:]]
+    assert items == [pa.string(), pa.int32(), pa.int32(), pa.int32(), pa.binary()]  # the types packed files had
 
 
 def test_conform_accepts_valid_and_names_the_problem():
@@ -42,7 +77,9 @@ def test_conform_accepts_valid_and_names_the_problem():
 
 
 def test_reject_requires_reason():
-    rows = pa.Table.from_pylist([{"uid": "u", "url": None, "caption": None, "stage": "s", "reason": None, "detail": None}])
+    rows = pa.Table.from_pylist(
+        [{"uid": "u", "url": None, "caption": None, "stage": "s", "reason": None, "detail": None}]
+    )
     with pytest.raises(RowContractError, match="reason"):
         conform(rows, Reject)
 

@@ -1,4 +1,5 @@
 """Templates and label masks on edge cases (no sample may train on nothing), and the loader's exact resume."""
+
 from __future__ import annotations
 
 import io
@@ -15,43 +16,76 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from schemas.arrow import arrow_schema
-from schemas.rows import Instruction
+from schemas.rows import ImageInstruction, Instruction
 from trainer.data import InstructionLoader
 from trainer.template import IGNORE, EncodeError, encode, length
 
-SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
-CORPUS = ["the cat sat on the mat", "what colour is the car? it is red", "how many dogs are there in the picture",
-          "USER: hello ASSISTANT: hi there", "a photo of two birds on a wire", "你好，世界。这是一只猫。", "café naïve émoji 🙂",
-          "system user assistant <|im_start|> describe the image in detail"] * 5
-QWEN = ("{% for m in messages %}{% if loop.first and m.role != 'system' %}<|im_start|>system\nYou are a helpful "
-        "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
-          "{{ m.content | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
-          "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-VICUNA = ("{% for m in messages %}{% if m.role == 'system' %}{{ m.content }} {% elif m.role == 'user' %}USER: "
-          "{{ m.content }} {% else %}ASSISTANT: {{ m.content }}</s>{% endif %}{% endfor %}"
-          "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+SPECIALS = [
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<image>",
+]
+CORPUS = [
+    "the cat sat on the mat",
+    "what colour is the car? it is red",
+    "how many dogs are there in the picture",
+    "USER: hello ASSISTANT: hi there",
+    "a photo of two birds on a wire",
+    "你好，世界。这是一只猫。",
+    "café naïve émoji 🙂",
+    "system user assistant <|im_start|> describe the image in detail",
+] * 5
+QWEN = (
+    "{% for m in messages %}{% if loop.first and m.role != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+    "{{ m.content | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+VICUNA = (
+    "{% for m in messages %}{% if m.role == 'system' %}{{ m.content }} {% elif m.role == 'user' %}USER: "
+    "{{ m.content }} {% else %}ASSISTANT: {{ m.content }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 EOT = ["<|im_end|>", "<|eot_id|>", "</s>"]
 N = 5
 
 
-def make_tok(chat_template: str | None = QWEN, prefix_space: bool = False, image: bool = True) -> PreTrainedTokenizerFast:
+def make_tok(
+    chat_template: str | None = QWEN, prefix_space: bool = False, image: bool = True
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained here on a few sentences, with the chat specials and <image>."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
     specials = SPECIALS if image else SPECIALS[:-1]
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     out.chat_template = chat_template
     return out
 
 
-TOKS = {"qwen": make_tok(QWEN), "llama3": make_tok(LLAMA3), "vicuna_prefix_space": make_tok(VICUNA, prefix_space=True),
-        "fallback": make_tok(None), "fallback_prefix_space": make_tok(None, prefix_space=True)}
+TOKS = {
+    "qwen": make_tok(QWEN),
+    "llama3": make_tok(LLAMA3),
+    "vicuna_prefix_space": make_tok(VICUNA, prefix_space=True),
+    "fallback": make_tok(None),
+    "fallback_prefix_space": make_tok(None, prefix_space=True),
+}
 
 
 def conv(*pairs: str) -> list[dict]:
@@ -81,12 +115,22 @@ def check(e, tok, replies: list[str], n_images: int = 1) -> None:
     if len(replies) == 1 and "<|" not in replies[0]:  # a prefix-space BPE adds a space after a special token
         assert text.removesuffix(tok.convert_ids_to_tokens(kept[-1])).strip() == replies[0].strip()
 
+
 CASES = {
     "simple": (conv("<image>\nWhat colour is the car?", "It is red."), None),
     "empty_system": (conv("<image>\nWhat colour is the car?", "It is red."), ""),
     "system": (conv("<image>\nWhat colour is the car?", "It is red."), "You are a careful assistant."),
-    "multi_turn": (conv("<image>\nHow many dogs?", "Two dogs.", "And birds?", "There are two birds on a wire.",
-                        "Anything else?", "A cat sat on the mat."), None),
+    "multi_turn": (
+        conv(
+            "<image>\nHow many dogs?",
+            "Two dogs.",
+            "And birds?",
+            "There are two birds on a wire.",
+            "Anything else?",
+            "A cat sat on the mat.",
+        ),
+        None,
+    ),
     "spaces": (conv("<image>\n  hello  ", "   the cat sat on the mat   "), None),
     "unicode": (conv("<image>\n这是什么？", "你好，世界。这是一只猫。café naïve 🙂"), None),
     "tag_like": (conv("<image>\nSay it", "USER: ASSISTANT: <|im_start|>assistant\nok [INST] </SYS>"), None),
@@ -164,8 +208,16 @@ def test_template_that_rewrites_content_is_a_mismatch_not_silent():
 
 
 def test_turn_models_are_accepted():
-    inst = Instruction.model_validate({"id": "u:k", "uid": "u", "kind": "k", "model": "m", "prompt_version": "p",
-                                       "image": b"", "conversations": conv("<image>\nhi", "the cat")})
+    inst = Instruction.model_validate(
+        {
+            "id": "u:k",
+            "uid": "u",
+            "kind": "k",
+            "model": "m",
+            "prompt_version": "p",
+            "conversations": conv("<image>\nhi", "the cat"),
+        }
+    )
     e = encode(inst.conversations, TOKS["qwen"], "chat", N)
     check(e, TOKS["qwen"], ["the cat"])
 
@@ -179,13 +231,23 @@ def png(i: int) -> bytes:
 @pytest.fixture
 def shards(tmp_path):
     """Three shards, row groups of 3, a few rows the loader must reject."""
-    schema, k = arrow_schema(Instruction), 0
+    schema, k = arrow_schema(ImageInstruction), 0
     for s, n in enumerate([7, 5, 9]):
         rows = []
         for _ in range(n):
             reply = "" if k % 6 == 5 else f"the cat {k}"
-            rows.append({"id": f"r{k}", "uid": f"u{k}", "kind": "short", "model": "rules", "prompt_version": "v",
-                         "image": png(k), "conversations": conv(f"<image>\nwhat is {k}?", reply)})
+            rows.append(
+                {
+                    "id": f"r{k}",
+                    "uid": f"u{k}",
+                    "kind": "short",
+                    "model": "rules",
+                    "prompt_version": "v",
+                    "source": "generated",
+                    "image": png(k),
+                    "conversations": conv(f"<image>\nwhat is {k}?", reply),
+                }
+            )
             k += 1
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / f"part-{s:05d}.parquet", row_group_size=3)
     return tmp_path
@@ -217,6 +279,8 @@ def test_loader_order_is_seeded_and_resume_is_exact(shards, buf):
         b.load_state(json.loads(json.dumps(a.state())))
         rest = list(b)
         assert head + [s["id"] for s in rest] == ids, k
-        assert all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["pixel_values"], y["pixel_values"])
-                   for x, y in zip(rest, full[k:]))
+        assert all(
+            torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["pixel_values"], y["pixel_values"])
+            for x, y in zip(rest, full[k:])
+        )
     assert b.rejects["no_labels"] == 3

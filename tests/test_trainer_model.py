@@ -1,4 +1,5 @@
 """LlavaLite on tiny random models: packing never leaks attention, HF export matches, freezing and stages."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from trainer.export_hf import export_hf
 from trainer import model as model_mod
+from trainer.export_hf import export_hf
 from trainer.model import IGNORE_INDEX, LlavaLite, flat_cu_seqlens, positions_from_lens, varlen_sdpa_attention
 from trainer.tiny import make_tiny_all, make_tiny_lm, make_tiny_tokenizer
 
@@ -61,13 +62,14 @@ def test_packed_equals_one_by_one(tiny, samples, mode):
     position_ids = positions_from_lens(seq_lens, ids.shape[1])  # [1, T]
     assert position_ids[0, len(samples[0][0])] == 0  # positions restart per sample
     with torch.no_grad():
-        packed_logits, packed_loss = model(ids, pixels, position_ids=position_ids, seq_lens=seq_lens, labels=labels,
-                                           packed_attention=mode)
+        packed_logits, packed_loss = model(
+            ids, pixels, position_ids=position_ids, seq_lens=seq_lens, labels=labels, packed_attention=mode
+        )
         total, count, start = 0.0, 0, 0
         for s_ids, s_labels, s_pixels in samples:
             logits, _ = model(s_ids[None], s_pixels if len(s_pixels) else None)  # [1, L, V]
             L = len(s_ids)
-            torch.testing.assert_close(packed_logits[0, start:start + L], logits[0], atol=ATOL, rtol=0)
+            torch.testing.assert_close(packed_logits[0, start : start + L], logits[0], atol=ATOL, rtol=0)
             total += F.cross_entropy(logits[0, :-1], s_labels[1:], ignore_index=IGNORE_INDEX, reduction="sum").item()
             count += int((s_labels[1:] != IGNORE_INDEX).sum())
             start += L
@@ -84,7 +86,7 @@ def test_packed_equals_one_by_one(tiny, samples, mode):
 @pytest.mark.parametrize("mode", ["varlen", "mask"])
 def test_changing_sample_one_never_reaches_sample_two(tiny, samples, mode):
     model = tiny["model"]
-    ids, labels, pixels, seq_lens = pack(samples)
+    ids, _labels, pixels, seq_lens = pack(samples)
     n0 = len(samples[0][0])
     changed_ids, changed_pixels = ids.clone(), pixels.clone()
     changed_ids[0, 2] = (changed_ids[0, 2] + 1 - 4) % (model.lm.config.vocab_size - 4) + 4  # a text token of sample 1
@@ -155,8 +157,9 @@ def test_tiny_models_deterministic_and_tokenizer_format(tiny, tmp_path):
     assert 1000 <= len(tokenizer) <= 2048
     assert tokenizer.convert_tokens_to_ids("<image>") == 3 and tokenizer.pad_token_id == 0
     assert tokenizer("a <image> b", add_special_tokens=False).input_ids.count(3) == 1
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nHi"}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>\nHi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<s>user\n<image>\nHi</s>\n<s>assistant\n"
     again = make_tiny_lm(tmp_path / "lm", make_tiny_tokenizer(tmp_path / "lm"), seed=0)
     for (k, a), b in zip(tiny["model"].lm.state_dict().items(), again.state_dict().values()):
@@ -211,7 +214,7 @@ def test_varlen_equals_one_by_one_and_mask_forward_and_gradients(tiny, samples, 
     for k, (s_ids, s_labels, s_pixels) in enumerate(flat):
         logits, _ = model(s_ids[None], s_pixels if len(s_pixels) else None)  # [1, L, V]
         L, row = len(s_ids), k // 2
-        torch.testing.assert_close(v_logits[row, starts[k]:starts[k] + L], logits[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(v_logits[row, starts[k] : starts[k] + L], logits[0], atol=ATOL, rtol=0)
         total = total + F.cross_entropy(logits[0, :-1], s_labels[1:], ignore_index=IGNORE_INDEX, reduction="sum")
         count += int((s_labels[1:] != IGNORE_INDEX).sum())
     (total / count).backward()
@@ -235,8 +238,11 @@ def test_padded_batch_uses_standard_hf_mask_and_equals_one_by_one(tiny, samples,
         ids[b, : len(s[0])] = s[0]
     pixels = torch.cat([s[2] for s in samples])
     monkeypatch.setattr(model_mod, "packed_attention_mask", lambda *a: pytest.fail("padded batch built a dense mask"))
-    monkeypatch.setitem(model_mod.AttentionInterface._global_mapping, model_mod.VARLEN_ATTENTION,
-                        lambda *a, **k: pytest.fail("padded batch went through varlen"))
+    monkeypatch.setitem(
+        model_mod.AttentionInterface._global_mapping,
+        model_mod.VARLEN_ATTENTION,
+        lambda *a, **k: pytest.fail("padded batch went through varlen"),
+    )
     with torch.no_grad():
         padded, _ = model(ids, pixels, seq_lens=[[len(s[0])] for s in samples])
         for b, (s_ids, _, s_pixels) in enumerate(samples):
@@ -268,7 +274,7 @@ def test_varlen_boundaries_and_errors(tiny, monkeypatch):
 def test_flash_branch_passes_varlen_kwargs(tiny, samples, monkeypatch):
     """The CUDA flash-attention branch cannot run here: a stand-in kernel checks what it would get."""
     model = tiny["model"]
-    ids, labels, pixels, seq_lens = pack(samples)
+    ids, _labels, pixels, seq_lens = pack(samples)
     with torch.no_grad():
         expected, _ = model(ids, pixels, seq_lens=seq_lens, packed_attention="varlen")
     seen = []

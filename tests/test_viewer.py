@@ -1,4 +1,6 @@
-"""`curate view`: headless Chromium clicks through stages, a reject reason, pages and a concept; rows match the Parquet."""
+"""`curate view`: headless Chromium clicks through stages, a reject reason, pages and a concept; rows match the
+Parquet."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,13 +13,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.status import run_status
-from curation.view import PAGE_SIZE, ViewServer
+from curation.engine.status import run_status
+from curation.inspect.view import PAGE_SIZE, ViewServer
+from schemas.rundir import RunDir
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium (apt-get install chromium; "
-                                  "`make` does it): no browser to drive the viewer with")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="Debian chromium is not installed at /usr/bin/chromium (apt-get install chromium; "
+        "`make` does it): no browser to drive the viewer with",
+    ),
+]
 HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> a red star'
 
 
@@ -52,6 +60,10 @@ def _shown(pg) -> list[str]:
     return pg.eval_on_selector_all(".row", "rows => rows.map(r => r.dataset.id)")
 
 
+def _norm(text: str) -> str:
+    return " ".join(text.split())  # how the browser shows runs of white space
+
+
 def _key(df: pl.DataFrame) -> list[str]:
     return df["id" if "id" in df.columns else "uid"].to_list()
 
@@ -78,8 +90,19 @@ def test_click_through_stages_and_a_reject_reason(demo_run, page):
             want = _frame(run, stage)
             assert page.inner_text("#total") == str(want.height), stage
             assert _shown(page) == _key(want.head(PAGE_SIZE)), stage
-            if "image" in want.columns:
-                assert all(w > 0 for w in _images_loaded(page)), stage
+            # every row is of a downloaded image, stored by ingest alone: thin stages' rows show it too
+            widths = _images_loaded(page)
+            assert len(widths) == min(want.height, PAGE_SIZE) and all(w > 0 for w in widths), stage
+
+        # balance's rows are thin (uid, concepts, weight): the page joins the url and alt-text ingest stored
+        assert not {"image", "caption", "url"} & set(_frame(run, "balance").columns)
+        page.click("nav a.stage[data-stage='balance']")
+        want = pl.from_arrow(RunDir(run).read("balance", ["url", "caption"])).head(PAGE_SIZE)
+        assert [_norm(t) for t in page.locator(".row .v-caption").all_inner_texts()] == [
+            _norm(c) for c in want["caption"]
+        ]
+        assert page.locator(".row .v-url").all_inner_texts() == want["url"].to_list()
+        assert len(_images_loaded(page)) == want.height
 
         # the dedup stage's most common reject reason: its rows, with the images they had upstream
         dedup = _frame(run, "dedup", rejects=True)
@@ -107,11 +130,10 @@ def test_click_through_stages_and_a_reject_reason(demo_run, page):
         assert ingest.height > PAGE_SIZE
         page.click("nav a.stage[data-stage='ingest']")
         page.click("a.next")
-        assert _shown(page) == ingest["uid"][PAGE_SIZE:2 * PAGE_SIZE].to_list()
+        assert _shown(page) == ingest["uid"][PAGE_SIZE : 2 * PAGE_SIZE].to_list()
         page.click("a.prev")
         assert _shown(page) == ingest["uid"][:PAGE_SIZE].to_list()
         _settle(page)
-
 
 
 def test_concept_filter_follows_the_images_across_stages(demo_run, page):
@@ -138,7 +160,8 @@ def test_concept_filter_follows_the_images_across_stages(demo_run, page):
         page.locator(".row").first.locator("a.concept").first.click()
         other = first["concept_ids"][0]
         assert page.inner_text("#total") == str(
-            _frame(run, "balance").filter(pl.col("concept_ids").list.contains(other)).height)
+            _frame(run, "balance").filter(pl.col("concept_ids").list.contains(other)).height
+        )
         page.fill("#concept", "no such concept at all")
         page.click("#apply")
         assert "not in the vocabulary" in page.inner_text("main") and page.inner_text("#total") == "0"
@@ -149,9 +172,11 @@ def test_text_is_escaped_and_only_loopback_is_served(demo_run, page, tmp_path):
     run, _ = demo_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("_ray"))
-    for f in sorted((copy / "filter").glob("part-*.parquet")):
+    for f in sorted((copy / "ingest").glob("part-*.parquet")):  # the alt-text filter's rows show is stored there
         t = pq.read_table(f)
-        pq.write_table(t.set_column(t.schema.get_field_index("caption"), "caption", pa.array([HOSTILE] * t.num_rows)), f)
+        pq.write_table(
+            t.set_column(t.schema.get_field_index("caption"), "caption", pa.array([HOSTILE] * t.num_rows)), f
+        )
     with ViewServer(copy) as url:
         page.goto(url + "/?stage=filter")
         assert page.evaluate("window.__pwned") is None
@@ -159,7 +184,10 @@ def test_text_is_escaped_and_only_loopback_is_served(demo_run, page, tmp_path):
         assert page.locator("script").count() == 0 and page.locator('img[src="x"]').count() == 0
         _settle(page)
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never via a proxy
-        for path, text in [("/image?uid=no-such-uid", "not found"), ("/?stage=%3Cb%3Enope", "No finished stage named &lt;b&gt;nope")]:
+        for path, text in [
+            ("/image?uid=no-such-uid", "not found"),
+            ("/?stage=%3Cb%3Enope", "No finished stage named &lt;b&gt;nope"),
+        ]:
             with pytest.raises(urllib.error.HTTPError) as e:
                 opener.open(url + path)
             assert e.value.code == 404 and text in e.value.read().decode()

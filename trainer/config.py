@@ -12,6 +12,7 @@ Example (stage 2 on an instruct stage's shards, starting from a stage-1 run):
     rows_per_step: 16
     max_steps: 5000
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.overrides import OverrideError, apply_overrides, parse_overrides
 
 # The real default parts (local folders; nothing is downloaded): an HF CLIP ViT-L/14 at 336 px as the vision
 # tower (openai/clip-vit-large-patch14-336, 576 patch tokens) and a small HF causal LM such as
@@ -61,7 +64,7 @@ class TrainConfig(BaseModel):
     init_from: str | None = None  # a checkpoint dir, a run's out dir (final/ or latest checkpoint)
 
     @model_validator(mode="after")
-    def _stage_defaults(self) -> "TrainConfig":
+    def _stage_defaults(self) -> TrainConfig:
         if self.template is None:
             self.template = TEMPLATE_DEFAULT[self.stage]
         if self.lr is None:
@@ -70,21 +73,14 @@ class TrainConfig(BaseModel):
 
     def data_key(self) -> dict:
         """The fields the packed data depends on (a change rebuilds out/packed)."""
-        return {k: getattr(self, k) for k in ("shards", "lm", "vision", "template", "system", "max_len", "packing",
-                                           "pack_method")}
+        return {
+            k: getattr(self, k)
+            for k in ("shards", "lm", "vision", "template", "system", "max_len", "packing", "pack_method")
+        }
 
 
 class ConfigError(ValueError):
     """A config file or override that does not validate; the message names the file and field."""
-
-
-def _set(tree: dict, key: str, raw: str) -> None:
-    value = yaml.safe_load(raw) if raw != "" else None
-    node = tree
-    *parents, last = key.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] | dict | None = None) -> TrainConfig:
@@ -100,11 +96,10 @@ def load_config(path: str | Path | None, overrides: list[str] | dict | None = No
     if isinstance(overrides, dict):
         tree.update(overrides)
     else:
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r}: expected KEY=VALUE")
-            k, v = item.split("=", 1)
-            _set(tree, k.strip(), v)
+        try:
+            apply_overrides(tree, parse_overrides(overrides or []))
+        except OverrideError as e:
+            raise ConfigError(str(e)) from None
     try:
         return TrainConfig(**tree)
     except Exception as e:  # pydantic.ValidationError names each bad field

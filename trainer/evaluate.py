@@ -5,13 +5,14 @@ question type seen in training) as the reply to `<image>\\n{question}`; the argm
 scoring with every image swapped for a uniform grey one shows what the text alone gets, so an accuracy above both
 the majority-answer rate and the blank-image accuracy can only come through the image path.
 """
+
 from __future__ import annotations
 
 import io
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,11 @@ from trainer.template import encode
 # Question types by the rules backend's wording (curation/synth/rules.py): "What color is the square?";
 # "How many shapes are there in the image?" (all objects: answers spread one to four) apart from the per-category
 # "How many circles are there in the image?" / "How many red stars can you see?" (mostly "one").
-QUESTION_TYPES = {"colour": re.compile(r"^What colou?r is the "),
-                  "count_total": re.compile(r"^How many shapes are there "),
-                  "count": re.compile(r"^How many (?!shapes are there )")}
+QUESTION_TYPES = {
+    "colour": re.compile(r"^What colou?r is the "),
+    "count_total": re.compile(r"^How many shapes are there "),
+    "count": re.compile(r"^How many (?!shapes are there )"),
+}
 BLANK_RGB = (128, 128, 128)
 
 
@@ -72,9 +75,17 @@ def blank_image(size: int = 64) -> bytes:
 
 
 @torch.no_grad()
-def answer_logprobs(model: LlavaLite, tokenizer, processor, qs: list[Question], cands: list[str],
-                    template: str = "chat", system: str | None = None, image: bytes | None = None,
-                    batch_size: int = 64) -> torch.Tensor:
+def answer_logprobs(
+    model: LlavaLite,
+    tokenizer,
+    processor,
+    qs: list[Question],
+    cands: list[str],
+    template: str = "chat",
+    system: str | None = None,
+    image: bytes | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
     """[len(qs), len(cands)] summed log-probabilities of each candidate reply (answer tokens + end of turn)."""
     items = [(qi, ci) for qi in range(len(qs)) for ci in range(len(cands))]
     scores = torch.empty(len(qs), len(cands))
@@ -82,15 +93,23 @@ def answer_logprobs(model: LlavaLite, tokenizer, processor, qs: list[Question], 
     px_cache: dict[int, torch.Tensor] = {}
     model.eval()
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        encs = [encode([{"from": "human", "value": "<image>\n" + qs[qi].text}, {"from": "gpt", "value": cands[ci]}],
-                       tokenizer, template, model.image_tokens, system) for qi, ci in chunk]
+        chunk = items[start : start + batch_size]
+        encs = [
+            encode(
+                [{"from": "human", "value": "<image>\n" + qs[qi].text}, {"from": "gpt", "value": cands[ci]}],
+                tokenizer,
+                template,
+                model.image_tokens,
+                system,
+            )
+            for qi, ci in chunk
+        ]
         T = max(len(e.input_ids) for e in encs)
         ids = torch.full((len(encs), T), pad_id, dtype=torch.long)  # [B, T]
         labels = torch.full((len(encs), T), IGNORE_INDEX, dtype=torch.long)  # [B, T]
         for b, e in enumerate(encs):
-            ids[b, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[b, :len(e.labels)] = torch.tensor(e.labels)
+            ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            labels[b, : len(e.labels)] = torch.tensor(e.labels)
         for qi, _ in chunk:
             if qi not in px_cache:
                 raw = image if image is not None else qs[qi].image
@@ -106,8 +125,16 @@ def answer_logprobs(model: LlavaLite, tokenizer, processor, qs: list[Question], 
     return scores
 
 
-def evaluate(model: LlavaLite, tokenizer, processor, train_rows: Iterable[dict], heldout_rows: Iterable[dict],
-             template: str = "chat", system: str | None = None, blank: bool = True) -> dict[str, dict]:
+def evaluate(
+    model: LlavaLite,
+    tokenizer,
+    processor,
+    train_rows: Iterable[dict],
+    heldout_rows: Iterable[dict],
+    template: str = "chat",
+    system: str | None = None,
+    blank: bool = True,
+) -> dict[str, dict]:
     """Per question type: held-out accuracy, blank-image accuracy, and the chance levels.
 
     uniform_chance = 1 / #candidates; majority_rate = how often the most frequent training answer is right on the
@@ -122,13 +149,20 @@ def evaluate(model: LlavaLite, tokenizer, processor, train_rows: Iterable[dict],
             continue
         truth = [q.answer for q in qs]
         pred = answer_logprobs(model, tokenizer, processor, qs, cands[kind], template, system).argmax(1)
-        res = {"n": len(qs), "n_train": sum(q.type == kind for q in train_qs), "candidates": cands[kind],
-               "accuracy": _acc([cands[kind][i] for i in pred], truth),
-               "uniform_chance": 1 / len(cands[kind]), "majority_answer": cands[kind][0],
-               "majority_rate": _acc([cands[kind][0]] * len(qs), truth)}
+        res = {
+            "n": len(qs),
+            "n_train": sum(q.type == kind for q in train_qs),
+            "candidates": cands[kind],
+            "accuracy": _acc([cands[kind][i] for i in pred], truth),
+            "uniform_chance": 1 / len(cands[kind]),
+            "majority_answer": cands[kind][0],
+            "majority_rate": _acc([cands[kind][0]] * len(qs), truth),
+        }
         if blank:
             grey = blank_image()
-            bpred = answer_logprobs(model, tokenizer, processor, qs, cands[kind], template, system, image=grey).argmax(1)
+            bpred = answer_logprobs(model, tokenizer, processor, qs, cands[kind], template, system, image=grey).argmax(
+                1
+            )
             res["blank_accuracy"] = _acc([cands[kind][i] for i in bpred], truth)
         report[kind] = res
     return report

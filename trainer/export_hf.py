@@ -1,4 +1,5 @@
 """Export a LlavaLite as a checkpoint that transformers' LlavaForConditionalGeneration loads."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,7 +42,7 @@ def llava_state_dict(model: LlavaLite) -> dict[str, torch.Tensor]:
         prefix = next((p for p in KEY_MAP if key.startswith(p)), None)
         if prefix is None:
             raise KeyError(f"no LLaVA name for parameter {key!r}: extend KEY_MAP in trainer/export_hf.py")
-        out[KEY_MAP[prefix] + key[len(prefix):]] = value
+        out[KEY_MAP[prefix] + key[len(prefix) :]] = value
     return out
 
 
@@ -61,8 +62,12 @@ def export_hf(model: LlavaLite, tokenizer, image_processor, out_dir: str | Path)
         hf.tie_weights()
     hf.save_pretrained(str(out_dir))
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=model.vision.config.patch_size,
-        vision_feature_select_strategy="default", chat_template=tokenizer.chat_template, image_token="<image>",
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=model.vision.config.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=tokenizer.chat_template,
+        image_token="<image>",
         num_additional_image_tokens=1,  # CLIP's CLS, removed again by the "default" strategy
     )
     processor.save_pretrained(str(out_dir))

@@ -12,8 +12,10 @@ being one more segment) are what transformers' flash-attention path reads; the C
 (load the LM with attn_implementation="flash_attention_2" to use it). The CPU varlen function is switched on for
 the one LM call only; with activation checkpointing (recomputed outside that call) packed batches use the mask.
 """
+
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,9 +30,17 @@ VARLEN_ATTENTION = "llava_lite_varlen"  # registered below; not in the mask inte
 PACKED_ATTENTION_MODES = ("varlen", "mask")
 
 
-def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          cu_seq_lens_q: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def varlen_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """Causal SDPA inside each segment of `cu_seq_lens_q` (over the flattened B x T tokens); q [B, H, T, D],
     k/v [B, Hkv, T, D] -> [B, T, H, D]. No [T, T] mask exists: work and memory follow the sample lengths."""
     if cu_seq_lens_q is None:
@@ -39,12 +49,20 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     cu = [int(c) for c in cu_seq_lens_q.tolist()]
     if cu[0] != 0 or cu[-1] != B * T:
         raise ValueError(f"cu_seq_lens_q must run from 0 to B*T={B * T} (padding included), got {cu[0]}..{cu[-1]}")
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]  # segments never cross a row (seq_lens_from_cu checks)
+    lens = [b - a for a, b in itertools.pairwise(cu)]  # segments never cross a row (seq_lens_from_cu checks)
     flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]) for x in (query, key, value)]  # [B*T, H, D]
-    outs = [F.scaled_dot_product_attention(  # [1, H, L, D] per segment -> [L, H, D]
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], dropout_p=dropout,
-        scale=scaling, is_causal=True, enable_gqa=key.shape[1] != H)[0].transpose(0, 1)
-        for q, k, v in zip(*(torch.split(x, lens, dim=0) for x in flat))]  # split: one cat in backward
+    outs = [
+        F.scaled_dot_product_attention(  # [1, H, L, D] per segment -> [L, H, D]
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=True,
+            enable_gqa=key.shape[1] != H,
+        )[0].transpose(0, 1)
+        for q, k, v in zip(*(torch.split(x, lens, dim=0) for x in flat))
+    ]  # split: one cat in backward
     return torch.cat(outs, dim=0).view(B, T, H, -1), None  # [B, T, H, D]
 
 
@@ -106,7 +124,7 @@ def seq_lens_from_cu(cu_seqlens: torch.Tensor | Sequence[int], row_len: int, n_r
     if cu[-1] > n_rows * row_len:
         raise ValueError(f"cu_seqlens ends at {cu[-1]} > {n_rows} rows x {row_len} tokens")
     out: list[list[int]] = [[] for _ in range(n_rows)]
-    for a, b in zip(cu[:-1], cu[1:]):
+    for a, b in itertools.pairwise(cu):
         row = a // row_len
         if (b - 1) // row_len != row:
             raise ValueError(f"cu_seqlens: sample [{a}, {b}) crosses a row boundary (row length {row_len})")
@@ -135,8 +153,14 @@ def shifted_targets(labels: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
 class LlavaLite(nn.Module):
     """A readable LLaVA: penultimate-layer patch features (no CLS) -> projector -> spliced into the LM's inputs."""
 
-    def __init__(self, vision: CLIPVisionModel, lm: PreTrainedModel, projector: Projector | None = None,
-                 image_token_id: int | None = None, packed_attention: str = "varlen"):
+    def __init__(
+        self,
+        vision: CLIPVisionModel,
+        lm: PreTrainedModel,
+        projector: Projector | None = None,
+        image_token_id: int | None = None,
+        packed_attention: str = "varlen",
+    ):
         super().__init__()
         self.vision, self.lm = vision, lm
         self.projector = projector or Projector(vision.config.hidden_size, lm.config.hidden_size)
@@ -145,23 +169,34 @@ class LlavaLite(nn.Module):
         self.vision.requires_grad_(False).eval()
 
     @classmethod
-    def from_parts(cls, vision_dir: str | Path, lm_dir: str | Path, seed: int = 0,
-                   attn_implementation: str = "sdpa", packed_attention: str = "varlen") -> "LlavaLite":
+    def from_parts(
+        cls,
+        vision_dir: str | Path,
+        lm_dir: str | Path,
+        seed: int = 0,
+        attn_implementation: str = "sdpa",
+        packed_attention: str = "varlen",
+    ) -> LlavaLite:
         """Load vision tower, LM and the `<image>` id with from_pretrained; a fresh projector from `seed`."""
         vision = CLIPVisionModel.from_pretrained(str(vision_dir))
         lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
         torch.manual_seed(seed)
         projector = Projector(vision.config.hidden_size, lm.config.hidden_size)
-        return cls(vision, lm, projector, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                   packed_attention=packed_attention)
+        return cls(
+            vision,
+            lm,
+            projector,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            packed_attention=packed_attention,
+        )
 
     @property
     def image_tokens(self) -> int:
         """Number of `<image>` copies per image: patch tokens of the vision tower (CLS dropped)."""
         return (self.vision.config.image_size // self.vision.config.patch_size) ** 2
 
-    def train(self, mode: bool = True) -> "LlavaLite":
+    def train(self, mode: bool = True) -> LlavaLite:
         """Switch train/eval mode; the frozen vision tower always stays in eval."""
         super().train(mode)
         self.vision.eval()
@@ -194,16 +229,24 @@ class LlavaLite(nn.Module):
             return embeds
         feats = self.image_features(pixel_values).to(embeds.dtype)  # [n_images, P, D]
         if n_slots != feats.shape[0] * feats.shape[1]:
-            raise ValueError(f"input_ids hold {n_slots} <image> tokens but {feats.shape[0]} images x "
-                             f"{feats.shape[1]} patches = {feats.shape[0] * feats.shape[1]} features; expand each "
-                             f"<image> to {self.image_tokens} copies")
+            raise ValueError(
+                f"input_ids hold {n_slots} <image> tokens but {feats.shape[0]} images x "
+                f"{feats.shape[1]} patches = {feats.shape[0] * feats.shape[1]} features; expand each "
+                f"<image> to {self.image_tokens} copies"
+            )
         return embeds.masked_scatter(is_image[..., None], feats.reshape(-1, feats.shape[-1]))  # [B, T, D]
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, seq_lens: Sequence[Sequence[int]] | None = None,
-                cu_seqlens: torch.Tensor | Sequence[int] | None = None, labels: torch.Tensor | None = None,
-                reduction: str = "mean", packed_attention: str | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        seq_lens: Sequence[Sequence[int]] | None = None,
+        cu_seqlens: torch.Tensor | Sequence[int] | None = None,
+        labels: torch.Tensor | None = None,
+        reduction: str = "mean",
+        packed_attention: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, T, V] and loss: mean CE over label tokens, or `reduction="sum"`: tensor [sum, count].
         `packed_attention` overrides the model's mode ("varlen" or "mask") for this call."""
         B, T = input_ids.shape
@@ -222,25 +265,35 @@ class LlavaLite(nn.Module):
         if labels is None:
             return logits, None
         targets = shifted_targets(labels, seg)  # [B, T]
-        total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                ignore_index=IGNORE_INDEX, reduction="sum")
+        total = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
         count = (targets != IGNORE_INDEX).sum()
         if reduction == "sum":
             return logits, torch.stack([total, count.to(total.dtype)])
         return logits, total / count.clamp(min=1)
 
-    def _lm_logits(self, embeds: torch.Tensor, position_ids: torch.Tensor, seq_lens: Sequence[Sequence[int]],
-                   seg: torch.Tensor, mode: str) -> torch.Tensor:
+    def _lm_logits(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_lens: Sequence[Sequence[int]],
+        seg: torch.Tensor,
+        mode: str,
+    ) -> torch.Tensor:
         """LM logits [B, T, V] with the attention of the module docstring's table."""
         T = seg.shape[1]
-        run = dict(inputs_embeds=embeds, position_ids=position_ids, use_cache=False)
+        run = {"inputs_embeds": embeds, "position_ids": position_ids, "use_cache": False}
         impl = self.lm.config._attn_implementation or ""
         if mode == "varlen" and any(getattr(m, "gradient_checkpointing", False) for m in self.lm.modules()):
             mode = "mask"  # recomputation in backward runs outside attention_implementation(): use the mask
         if impl.startswith("flash") or (mode == "varlen" and any(len(lens) != 1 for lens in seq_lens)):
             cu = flat_cu_seqlens(seq_lens, T, embeds.device)  # [n+1] over B x T
             longest = int((cu[1:] - cu[:-1]).max())
-            varlen = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+            varlen = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
             if impl.startswith("flash"):  # CUDA: transformers' flash varlen path (flattens B x T itself); untested
                 return self.lm(**run, **varlen).logits
             with attention_implementation(self.lm, VARLEN_ATTENTION):

@@ -3,11 +3,13 @@ variant (`gap_aware`, the default: it fills about 2 points more of each row on L
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_left, bisect_right, insort
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from heapq import heappop, heappush
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -56,7 +58,7 @@ class PackResult:
     def sequences(self) -> list[tuple[list[str], list[int]]]:
         """Each sequence as (sample ids, their token lengths), in placement order."""
         ids, lens, off = self.ids.tolist(), self.lengths.tolist(), self.offsets.tolist()
-        return [(ids[a:b], lens[a:b]) for a, b in zip(off[:-1], off[1:])]
+        return [(ids[a:b], lens[a:b]) for a, b in itertools.pairwise(off)]
 
     def totals(self) -> np.ndarray:
         """Tokens per sequence, int64 [S]."""
@@ -196,12 +198,14 @@ def to_table(result: PackResult, where: str = "pack") -> pa.Table:
     """PackedSequence rows, seq_id `seq-00000001`... in packing order, checked against the row contract."""
     n_seq = len(result.offsets) - 1
     off = pa.array(result.offsets, type=pa.int32())
-    table = pa.table({
-        "seq_id": [f"seq-{s + 1:08d}" for s in range(n_seq)],
-        "sample_ids": pa.ListArray.from_arrays(off, pa.array(result.ids.tolist(), type=pa.string())),
-        "lengths": pa.ListArray.from_arrays(off, pa.array(result.lengths, type=pa.int64())),
-        "total_tokens": pa.array(result.totals(), type=pa.int64()),
-    })
+    table = pa.table(
+        {
+            "seq_id": [f"seq-{s + 1:08d}" for s in range(n_seq)],
+            "sample_ids": pa.ListArray.from_arrays(off, pa.array(result.ids.tolist(), type=pa.string())),
+            "lengths": pa.ListArray.from_arrays(off, pa.array(result.lengths, type=pa.int64())),
+            "total_tokens": pa.array(result.totals(), type=pa.int64()),
+        }
+    )
     return conform(table, PackedSequence, where)
 
 
@@ -209,9 +213,14 @@ def rejects_table(result: PackResult, where: str = "pack rejects") -> pa.Table:
     """Reject rows (stage `pack`, uid = sample id) for the samples that were not packed."""
     n = len(result.rejects)
     uid, reason, detail = (list(c) for c in zip(*result.rejects)) if n else ([], [], [])
-    table = pa.table({
-        "uid": pa.array(uid, pa.string()), "url": pa.nulls(n, pa.string()), "caption": pa.nulls(n, pa.string()),
-        "stage": pa.array([STAGE] * n, pa.string()), "reason": pa.array(reason, pa.string()),
-        "detail": pa.array(detail, pa.string()),
-    })
+    table = pa.table(
+        {
+            "uid": pa.array(uid, pa.string()),
+            "url": pa.nulls(n, pa.string()),
+            "caption": pa.nulls(n, pa.string()),
+            "stage": pa.array([STAGE] * n, pa.string()),
+            "reason": pa.array(reason, pa.string()),
+            "detail": pa.array(detail, pa.string()),
+        }
+    )
     return conform(table, Reject, where)

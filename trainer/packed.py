@@ -1,17 +1,11 @@
 """Offline packing for training: encode the samples, pack, write packed shards (streaming), read them back resumably.
 
-Packed shard layout (`DIR/packed-NNNNN.parquet`, one row per training sequence, rows in packing order):
-
-    seq_id      string            seq-00000001 ...
-    sample_ids  list<string>      the samples in the sequence, in order
-    lengths     list<int32>       their token lengths (the per-sample boundaries; cu_seqlens = cumsum)
-    input_ids   list<int32>       concatenated token ids (each <image> already expanded to image_tokens copies)
-    labels      list<int32>       concatenated labels, -100 where no loss
-    images      list<binary>      the encoded images of the sequence's samples, in reading order
-
-plus `DIR/_report.json` (counts, fill ratio, compression, rejects by reason, the key it was built for).
-With packing off each row holds one sample (the padded baseline). Rows hold no padding: collate pads.
+Packed shard layout: `DIR/packed-NNNNN.parquet`, one schemas.TrainSequence row per training sequence (seq_id,
+sample_ids, lengths, input_ids, labels, images), rows in packing order; plus `DIR/_report.json` (counts, fill
+ratio, compression, rejects by reason, the key it was built for). With packing off each row holds one sample (the
+padded baseline). Rows hold no padding: collate pads.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +15,8 @@ import os
 import resource
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +25,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from trainer.data import COLUMNS, pixels, shard_files
+from schemas import TrainSequence, arrow_schema
+from schemas.mixture import sample_hash, write_manifest
+from trainer.data import Shard, check_columns, pixels, shard_files
 from trainer.model import IGNORE_INDEX, positions_from_lens
 from trainer.pack import pack
 from trainer.template import EncodeError, encode
@@ -39,10 +35,8 @@ from trainer.template import EncodeError, encode
 ROWS_PER_FILE = 4096
 FILE_BYTES = 256 << 20  # a packed file ends past this many bytes of samples (tokens and images) or ROWS_PER_FILE rows
 ROW_GROUP = 64
-SCHEMA = pa.schema([
-    ("seq_id", pa.string()), ("sample_ids", pa.list_(pa.string())), ("lengths", pa.list_(pa.int32())),
-    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("images", pa.list_(pa.binary())),
-])
+MIXTURE = "mixture.parquet"
+SCHEMA = arrow_schema(TrainSequence)
 
 
 def resolve_shards(shards) -> list[Path]:
@@ -57,15 +51,27 @@ def _key_hash(key: dict, files: list[Path]) -> str:
     return hashlib.sha256(json.dumps([key, stats], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def encoded_batches(files: list[Path], tokenizer, template: str, image_tokens: int, max_len: int,
-                    system: str | None, rejects: Counter) -> Iterator[tuple[list[dict], pa.Array]]:
+def encoded_batches(
+    files: list[Path],
+    tokenizer,
+    template: str,
+    image_tokens: int,
+    max_len: int,
+    system: str | None,
+    rejects: Counter,
+    hashed: bool = False,
+) -> Iterator[tuple[list[dict], pa.Array]]:
     """Per batch of shard rows, in order: the trainable samples {id, input_ids, labels, image} (image: the sample's
     row in the batch's image column, -1 for none) and that column, the images left in Arrow memory; the other rows
-    are counted in `rejects` by reason."""
+    are counted in `rejects` by reason. A run dir's part lacking the image has it read by uid (trainer.data.Shard).
+    `hashed`: each sample also has its uid, source file and sample_hash (schemas.mixture)."""
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=COLUMNS):
+        for _, batch in Shard(f).batches(256):
             images, out = batch.column("image"), []
-            for row, (sid, conv) in enumerate(zip(batch.column("id").to_pylist(), batch.column("conversations").to_pylist())):
+            uids = batch.column("uid").to_pylist() if hashed else None
+            for row, (sid, conv) in enumerate(
+                zip(batch.column("id").to_pylist(), batch.column("conversations").to_pylist())
+            ):
                 try:
                     enc = encode(conv, tokenizer, template, image_tokens, system, max_len)
                 except EncodeError as e:  # no_labels, too_long, template_mismatch, bad_turns
@@ -76,26 +82,36 @@ def encoded_batches(files: list[Path], tokenizer, template: str, image_tokens: i
                     continue
                 if enc.n_images:
                     try:  # header check without copying the bytes; decoded at collate time
-                        Image.open(pa.BufferReader(images[row].as_buffer())).size
-                    except Exception:  # noqa: BLE001 - an unreadable or missing image is a reject, not a crash
+                        _ = Image.open(pa.BufferReader(images[row].as_buffer())).size
+                    except Exception:
                         rejects["bad_image"] += 1
                         continue
-                out.append({"id": sid, "input_ids": enc.input_ids, "labels": enc.labels,
-                            "image": row if enc.n_images else -1})
+                out.append(
+                    {"id": sid, "input_ids": enc.input_ids, "labels": enc.labels, "image": row if enc.n_images else -1}
+                )
+                if hashed:
+                    image = images[row].as_buffer() if enc.n_images else None
+                    out[-1].update(uid=uids[row], source=str(f), sample_hash=sample_hash(sid, conv, image))
             yield out, images
 
 
-def encoded(files: list[Path], tokenizer, template: str, image_tokens: int, max_len: int, system: str | None,
-            rejects: Counter) -> Iterator[dict]:
+def encoded(
+    files: list[Path], tokenizer, template: str, image_tokens: int, max_len: int, system: str | None, rejects: Counter
+) -> Iterator[dict]:
     """Every trainable sample {id, input_ids, labels, images (bytes)} of the shards in order (see encoded_batches)."""
     for samples, images in encoded_batches(files, tokenizer, template, image_tokens, max_len, system, rejects):
         for s in samples:
-            yield {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"],
-                   "images": [images[s["image"]].as_py()] if s["image"] >= 0 else []}
+            yield {
+                "id": s["id"],
+                "input_ids": s["input_ids"],
+                "labels": s["labels"],
+                "images": [images[s["image"]].as_py()] if s["image"] >= 0 else [],
+            }
 
 
-SPILL = pa.schema([("slot", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                   ("images", pa.list_(pa.binary()))])
+SPILL = pa.schema(  # per sample; the packed columns concatenate these lists, so their types are the contract's
+    [pa.field("slot", pa.int64(), nullable=False), *(SCHEMA.field(c) for c in ("input_ids", "labels", "images"))]
+)
 SPILL_BYTES = 256 << 20  # bytes of samples held in memory, over all packed files, before they go to the spill files
 RAW = {"compression": "none", "use_dictionary": False}  # spill files: temporary, written and read once
 
@@ -109,8 +125,9 @@ def _file_parts(offsets: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.unique(key, return_inverse=True)[1].reshape(-1) if len(seq) else seq
 
 
-def _spill(batches: Iterator[tuple[list[dict], pa.Array]], slot: np.ndarray, part_of_slot: np.ndarray,
-           tmp: Path) -> None:
+def _spill(
+    batches: Iterator[tuple[list[dict], pa.Array]], slot: np.ndarray, part_of_slot: np.ndarray, tmp: Path
+) -> None:
     """Append the k-th sample, under its slot (`slot[k]`; -1: not packed), to the spill file of the packed file it
     lands in; at most SPILL_BYTES of samples wait in memory, their images never copied out of Arrow."""
     writers: dict[int, pq.ParquetWriter] = {}
@@ -130,7 +147,7 @@ def _spill(batches: Iterator[tuple[list[dict], pa.Array]], slot: np.ndarray, par
         pa.default_memory_pool().release_unused()
 
     for samples, images in batches:
-        slots = slot[k:k + len(samples)]
+        slots = slot[k : k + len(samples)]
         k += len(samples)
         by_part: dict[int, list[int]] = {}
         for j, i in enumerate(slots.tolist()):
@@ -139,14 +156,18 @@ def _spill(batches: Iterator[tuple[list[dict], pa.Array]], slot: np.ndarray, par
         for part, js in by_part.items():
             rows = [samples[j] for j in js]
             with_image = [s["image"] for s in rows if s["image"] >= 0]
-            table = pa.table({
-                "slot": pa.array(slots[js], pa.int64()),
-                "input_ids": pa.array([s["input_ids"] for s in rows], pa.list_(pa.int32())),
-                "labels": pa.array([s["labels"] for s in rows], pa.list_(pa.int32())),
-                "images": pa.ListArray.from_arrays(
-                    pa.array(np.concatenate([[0], np.cumsum([s["image"] >= 0 for s in rows])]), pa.int32()),
-                    images.take(pa.array(with_image, pa.int64())).cast(pa.binary())),
-            }, schema=SPILL)
+            table = pa.table(
+                {
+                    "slot": pa.array(slots[js], pa.int64()),
+                    "input_ids": pa.array([s["input_ids"] for s in rows], pa.list_(pa.int32())),
+                    "labels": pa.array([s["labels"] for s in rows], pa.list_(pa.int32())),
+                    "images": pa.ListArray.from_arrays(
+                        pa.array(np.concatenate([[0], np.cumsum([s["image"] >= 0 for s in rows])]), pa.int32()),
+                        images.take(pa.array(with_image, pa.int64())).cast(pa.binary()),
+                    ),
+                },
+                schema=SPILL,
+            )
             buffers.setdefault(part, []).append(table)
             waiting += table.nbytes
         if waiting >= SPILL_BYTES:
@@ -161,8 +182,10 @@ def _assemble(spill: pa.Table, first_slot: int, bounds: np.ndarray, ids: list[st
     """Packed rows from one file's spill: sequence j holds slots first_slot + bounds[j] .. first_slot + bounds[j+1]."""
     spill = spill.take(pc.sort_indices(spill["slot"]))
     if spill.num_rows != bounds[-1] or (spill.num_rows and spill["slot"][0].as_py() != first_slot):
-        raise RuntimeError(f"packed build: spill for slots from {first_slot} holds {spill.num_rows} samples, "
-                           f"expected {bounds[-1]}: the shards changed during the build")
+        raise RuntimeError(
+            f"packed build: spill for slots from {first_slot} holds {spill.num_rows} samples, "
+            f"expected {bounds[-1]}: the shards changed during the build"
+        )
 
     def per_sequence(col: str) -> pa.ListArray:  # concatenate the samples' lists of each sequence
         counts = pc.list_value_length(spill[col]).to_numpy(zero_copy_only=False)
@@ -171,17 +194,31 @@ def _assemble(spill: pa.Table, first_slot: int, bounds: np.ndarray, ids: list[st
 
     starts = pa.array(bounds.astype(np.int32))
     lengths = pc.list_value_length(spill["input_ids"]).cast(pa.int32()).combine_chunks()
-    return pa.table({
-        "seq_id": [f"seq-{first_seq + j + 1:08d}" for j in range(len(bounds) - 1)],
-        "sample_ids": pa.ListArray.from_arrays(starts, pa.array(ids, pa.string())),
-        "lengths": pa.ListArray.from_arrays(starts, lengths),
-        "input_ids": per_sequence("input_ids"), "labels": per_sequence("labels"), "images": per_sequence("images"),
-    }, schema=SCHEMA)
+    return pa.table(
+        {
+            "seq_id": [f"seq-{first_seq + j + 1:08d}" for j in range(len(bounds) - 1)],
+            "sample_ids": pa.ListArray.from_arrays(starts, pa.array(ids, pa.string())),
+            "lengths": pa.ListArray.from_arrays(starts, lengths),
+            "input_ids": per_sequence("input_ids"),
+            "labels": per_sequence("labels"),
+            "images": per_sequence("images"),
+        },
+        schema=SCHEMA,
+    )
 
 
-def build_packed(shards, out_dir: str | Path, tokenizer, template: str, image_tokens: int, max_len: int,
-                 packing: bool = True, system: str | None = None, key: dict | None = None,
-                 method: str = "gap_aware") -> dict:
+def build_packed(
+    shards,
+    out_dir: str | Path,
+    tokenizer,
+    template: str,
+    image_tokens: int,
+    max_len: int,
+    packing: bool = True,
+    system: str | None = None,
+    key: dict | None = None,
+    method: str = "gap_aware",
+) -> dict:
     """Write packed shards to `out_dir` (reused when built for the same key and shard files); return the report.
 
     Two streaming passes over the shards: the first encodes every sample for its length alone and the lengths are
@@ -189,8 +226,18 @@ def build_packed(shards, out_dir: str | Path, tokenizer, template: str, image_to
     packed file is then assembled from its own spill. Memory: ids and lengths, plus a few times FILE_BYTES (measured:
     peak about 8x FILE_BYTES above the start, whatever the data set's size; bench/bench_build_packed.py)."""
     out_dir, files = Path(out_dir), resolve_shards(shards)
-    digest = _key_hash({**(key or {}), "template": template, "image_tokens": image_tokens, "max_len": max_len,
-                        "packing": packing, "system": system, "method": method}, files)
+    digest = _key_hash(
+        {
+            **(key or {}),
+            "template": template,
+            "image_tokens": image_tokens,
+            "max_len": max_len,
+            "packing": packing,
+            "system": system,
+            "method": method,
+        },
+        files,
+    )
     report_path = out_dir / "_report.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())
@@ -198,9 +245,11 @@ def build_packed(shards, out_dir: str | Path, tokenizer, template: str, image_to
             return report
     rejects: Counter = Counter()
     ids, lens, weights = [], [], []  # weights: bytes of int32 ids and labels plus the encoded image
-    for samples, images in encoded_batches(files, tokenizer, template, image_tokens, max_len, system, rejects):
+    mixture = []  # per sample: uid, source, sample_hash (the mixture manifest)
+    for samples, images in encoded_batches(files, tokenizer, template, image_tokens, max_len, system, rejects, True):
         sizes = pc.binary_length(images).fill_null(0).to_numpy(zero_copy_only=False)
         for s in samples:
+            mixture.append((s["uid"], s["source"], s["sample_hash"]))
             ids.append(s["id"])
             lens.append(len(s["input_ids"]))
             weights.append(8 * len(s["input_ids"]) + (int(sizes[s["image"]]) if s["image"] >= 0 else 0))
@@ -220,27 +269,51 @@ def build_packed(shards, out_dir: str | Path, tokenizer, template: str, image_to
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _spill(encoded_batches(files, tokenizer, template, image_tokens, max_len, system, Counter()), slot,
-           np.repeat(part_of_seq, np.diff(offsets)), tmp)
+    _spill(
+        encoded_batches(files, tokenizer, template, image_tokens, max_len, system, Counter()),
+        slot,
+        np.repeat(part_of_seq, np.diff(offsets)),
+        tmp,
+    )
     first_seqs = np.flatnonzero(np.diff(part_of_seq, prepend=-1)) if n_rows else np.zeros(1, dtype=np.int64)
     for part, (q0, q1) in enumerate(zip(first_seqs, [*first_seqs[1:], n_rows])):
         spill = tmp / f"spill-{part:05d}.parquet"
         table = pq.read_table(spill) if spill.exists() else SPILL.empty_table()
         lo, hi = int(offsets[q0]), int(offsets[q1])
-        packed = _assemble(table, lo, np.asarray(offsets[q0:q1 + 1]) - lo, order[lo:hi], int(q0))
+        packed = _assemble(table, lo, np.asarray(offsets[q0 : q1 + 1]) - lo, order[lo:hi], int(q0))
         pq.write_table(packed, tmp / f"packed-{part:05d}.parquet", row_group_size=ROW_GROUP, use_dictionary=["seq_id"])
         spill.unlink(missing_ok=True)
         del table, packed
         pa.default_memory_pool().release_unused()
+    picked = [mixture[k] for k in pos.tolist()]  # in training order: sequence by sequence
+    manifest = pa.table(
+        {
+            "id": pa.array(order, pa.string()),
+            "uid": pa.array([m[0] for m in picked], pa.string()),
+            "sample_hash": pa.array([m[2] for m in picked], pa.string()),
+            "source": pa.array([m[1] for m in picked], pa.string()),
+        }
+    )
+    mix = write_manifest(tmp / MIXTURE, manifest, shards=[str(f) for f in files])
+    del mixture, picked, manifest
     tokens = int(lengths.sum())
     longest = int(np.add.reduceat(lengths[pos], offsets[:-1]).max()) if n_rows else 0  # tokens of the longest row
     report = {
-        "key": digest, "packing": packing, "max_len": max_len, "template": template, "image_tokens": image_tokens,
-        "samples_in": len(ids) + sum(rejects.values()), "samples": len(ids), "rows": n_rows,
-        "tokens": tokens, "rejects": dict(sorted(rejects.items())),
+        "key": digest,
+        "packing": packing,
+        "max_len": max_len,
+        "template": template,
+        "image_tokens": image_tokens,
+        "samples_in": len(ids) + sum(rejects.values()),
+        "samples": len(ids),
+        "rows": n_rows,
+        "tokens": tokens,
+        "rejects": dict(sorted(rejects.items())),
         "fill_ratio": tokens / (n_rows * max_len) if n_rows else 0.0,  # of max_len-long rows
         "compression": len(ids) / n_rows if n_rows else 0.0,  # samples per row
         "longest_row": longest,
+        "mixture": MIXTURE,  # every sample packed, in order, with its content hash (schemas.mixture)
+        "mixture_digest": mix["digest"],
     }
     (tmp / "_report.json").write_text(json.dumps(report, indent=2))
     if out_dir.exists():
@@ -259,6 +332,7 @@ class PackedReader:
         self.seed, self.shuffle, self.cache_groups = seed, shuffle, cache_groups
         self._index: list[tuple[int, int, int]] = []  # global row -> (file, row group, row in group)
         for fi, f in enumerate(self.files):
+            check_columns(f, TrainSequence)
             md = pq.ParquetFile(f).metadata
             for g in range(md.num_row_groups):
                 self._index += [(fi, g, r) for r in range(md.row_group(g).num_rows)]
@@ -280,8 +354,10 @@ class PackedReader:
 
     def load_state(self, state: dict) -> None:
         if state["rows"] != len(self) or state["seed"] != self.seed:
-            raise ValueError(f"reader state for {state['rows']} rows / seed {state['seed']} does not match "
-                             f"{len(self)} rows / seed {self.seed}: the packed data changed since the checkpoint")
+            raise ValueError(
+                f"reader state for {state['rows']} rows / seed {state['seed']} does not match "
+                f"{len(self)} rows / seed {self.seed}: the packed data changed since the checkpoint"
+            )
         self.epoch, self.position, self._order = state["epoch"], state["position"], None
 
     def _row(self, i: int) -> dict:
@@ -289,7 +365,7 @@ class PackedReader:
         if (fi, g) not in self._cache:
             if len(self._cache) >= self.cache_groups:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[fi, g] = pq.ParquetFile(self.files[fi]).read_row_group(g).to_pylist()
+            self._cache[fi, g] = pq.ParquetFile(self.files[fi]).read_row_group(g, columns=SCHEMA.names).to_pylist()
         return self._cache[fi, g][r]
 
     def next_rows(self, n: int) -> list[dict]:
@@ -329,9 +405,17 @@ def collate(rows: list[dict], image_processor: Callable | None, pad_id: int = 0)
     if images:
         if image_processor is None:
             raise ValueError("rows hold images but no image processor was given")
-        pixel_values = torch.stack([pixels(image_processor, Image.open(io.BytesIO(b)).convert("RGB"))
-                                    for b in images])  # [n_images, C, H, W]
+        pixel_values = torch.stack(
+            [pixels(image_processor, Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
+        )  # [n_images, C, H, W]
     useful = sum(sum(r["lengths"]) for r in rows)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": positions_from_lens(seq_lens, T),
-            "seq_lens": seq_lens, "pixel_values": pixel_values, "tokens": B * T, "useful_tokens": useful,
-            "samples": sum(len(r["lengths"]) for r in rows)}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": positions_from_lens(seq_lens, T),
+        "seq_lens": seq_lens,
+        "pixel_values": pixel_values,
+        "tokens": B * T,
+        "useful_tokens": useful,
+        "samples": sum(len(r["lengths"]) for r in rows),
+    }

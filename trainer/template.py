@@ -1,8 +1,10 @@
 """Conversation templates: token ids and label masks for LLaVA stage 1 (`plain`) and stage 2 (`chat`)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 IMAGE = "<image>"
 IGNORE = -100
@@ -48,8 +50,10 @@ def image_token_id(tokenizer) -> int:
     """The id of the tokenizer's own `<image>` special token; a clear error when it has none."""
     tid = tokenizer.get_added_vocab().get(IMAGE)
     if tid is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no {IMAGE} special token: call "
-                         f"tokenizer.add_special_tokens({{'additional_special_tokens': ['{IMAGE}']}}) and resize the LM's embeddings")
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no {IMAGE} special token: call "
+            f"tokenizer.add_special_tokens({{'additional_special_tokens': ['{IMAGE}']}}) and resize the LM's embeddings"
+        )
     return tid
 
 
@@ -82,7 +86,7 @@ def _prompt_end(tokenizer, head: list[dict], text: str) -> int:
     """End of the rendered prompt (generation prompt included) before a reply, or 0 when not a prefix of `text`."""
     try:
         prompt = tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - a template may refuse a partial conversation; the ordered search still applies
+    except Exception:
         return 0
     return len(prompt) if text.startswith(prompt) else 0
 
@@ -90,7 +94,8 @@ def _prompt_end(tokenizer, head: list[dict], text: str) -> int:
 def _render_chat(turns, tokenizer, system: str | None) -> tuple[str, list[tuple[int, int]], bool]:
     """Render with the tokenizer's chat template, then find each message's content in order in the rendered text."""
     msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": ROLES[s], "content": v} for s, v in turns]
+        {"role": ROLES[s], "content": v} for s, v in turns
+    ]
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
     cursor, spans = 0, []
     for i, m in enumerate(msgs):
@@ -101,8 +106,12 @@ def _render_chat(turns, tokenizer, system: str | None) -> tuple[str, list[tuple[
             if at >= 0:
                 break
         else:
-            raise EncodeError("template_mismatch", f"the chat template does not render the {m['role']} content "
-                              f"{m['content'][:40]!r} verbatim; use a template that does, or set tokenizer.chat_template = None for the fallback")
+            raise EncodeError(
+                "template_mismatch",
+                f"the chat template does not render the {m['role']} content "
+                f"{m['content'][:40]!r} verbatim; use a template that does, or set tokenizer.chat_template = "
+                f"None for the fallback",
+            )
         cursor = at + len(cand)
         if m["role"] == "assistant" and cand.strip():
             spans.append((at, cursor))
@@ -124,9 +133,16 @@ def _labelled(offsets, spans) -> list[bool]:
     return out
 
 
-def encode(conversations: Sequence, tokenizer, template: Template, image_tokens: int, system: str | None = None,
-           max_len: int | None = None) -> Encoded:
-    """Token ids and labels of one conversation; raises EncodeError(no_labels | too_long | ...) instead of training on nothing."""
+def encode(
+    conversations: Sequence,
+    tokenizer,
+    template: Template,
+    image_tokens: int,
+    system: str | None = None,
+    max_len: int | None = None,
+) -> Encoded:
+    """Token ids and labels of one conversation; raises EncodeError(no_labels | too_long | ...) instead of training
+    on nothing."""
     turns = _turns(conversations)
     img_id = image_token_id(tokenizer)
     if template == "plain":
@@ -152,7 +168,9 @@ def encode(conversations: Sequence, tokenizer, template: Template, image_tokens:
             ids, mask = [bos] + ids, [False] + mask
         ids, mask = ids + [tokenizer.eos_token_id], mask + [any(mask)]
     if not any(m and t != img_id for m, t in zip(mask, ids)):
-        raise EncodeError("no_labels", "no assistant tokens to train on (empty reply, or a template/tokenizer mismatch)")
+        raise EncodeError(
+            "no_labels", "no assistant tokens to train on (empty reply, or a template/tokenizer mismatch)"
+        )
     out_ids, labels, n_images = [], [], 0
     for t, m in zip(ids, mask):
         if t == img_id:

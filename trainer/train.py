@@ -9,6 +9,7 @@ An `out` dir:
     out/final/                          vision/, lm/ (HF folders with processor/tokenizer), projector.safetensors,
                                         trainable.safetensors, summary.json: what load_trained() rebuilds from
 """
+
 from __future__ import annotations
 
 import json
@@ -47,6 +48,7 @@ def set_rng_state(state: dict) -> None:
 
 def lr_lambda(cfg: TrainConfig, max_steps: int):
     """Multiplier of the base lr at a step: linear warmup, then constant or cosine decay to 0 at max_steps."""
+
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -54,6 +56,7 @@ def lr_lambda(cfg: TrainConfig, max_steps: int):
             return 1.0
         progress = (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return f
 
 
@@ -87,8 +90,9 @@ def init_weights(model: LlavaLite, path: str | Path, stage: int) -> list[str]:
     return sorted(keep)
 
 
-def _write_checkpoint(ckdir: Path, model, optimizer, scheduler, step: int, reader: PackedReader, cfg: TrainConfig,
-                      keep: int) -> Path:
+def _write_checkpoint(
+    ckdir: Path, model, optimizer, scheduler, step: int, reader: PackedReader, cfg: TrainConfig, keep: int
+) -> Path:
     """Write step-N atomically (temp dir, rename), then the `latest` pointer; prune older checkpoints."""
     final = ckdir / f"step-{step}"
     tmp = ckdir / f".tmp-step-{step}"
@@ -98,8 +102,9 @@ def _write_checkpoint(ckdir: Path, model, optimizer, scheduler, step: int, reade
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "reader": reader.state(), "stage": cfg.stage,
-                                                "config": cfg.model_dump()}, indent=2))
+    (tmp / "state.json").write_text(
+        json.dumps({"step": step, "reader": reader.state(), "stage": cfg.stage, "config": cfg.model_dump()}, indent=2)
+    )
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     ptr = ckdir / ".latest.tmp"
@@ -178,8 +183,12 @@ def export_trained(out: str | Path, hf_dir: str | Path) -> Path:
     from trainer.export_hf import export_hf
 
     final = Path(out) / "final"
-    return export_hf(load_trained(out), AutoTokenizer.from_pretrained(str(final / "lm")),
-                     AutoImageProcessor.from_pretrained(str(final / "vision")), hf_dir)
+    return export_hf(
+        load_trained(out),
+        AutoTokenizer.from_pretrained(str(final / "lm")),
+        AutoImageProcessor.from_pretrained(str(final / "vision")),
+        hf_dir,
+    )
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
@@ -193,8 +202,18 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.lm)
     processor = AutoImageProcessor.from_pretrained(cfg.vision)
     model = LlavaLite.from_parts(cfg.vision, cfg.lm, seed=cfg.seed)
-    report = build_packed(cfg.shards, out / "packed", tokenizer, cfg.template, model.image_tokens, cfg.max_len,
-                          packing=cfg.packing, system=cfg.system, key=cfg.data_key(), method=cfg.pack_method)
+    report = build_packed(
+        cfg.shards,
+        out / "packed",
+        tokenizer,
+        cfg.template,
+        model.image_tokens,
+        cfg.max_len,
+        packing=cfg.packing,
+        system=cfg.system,
+        key=cfg.data_key(),
+        method=cfg.pack_method,
+    )
     if report["rows"] == 0:
         raise ValueError(f"no trainable samples in {cfg.shards}: rejects {report['rejects']}")
     reader = PackedReader(out / "packed", seed=cfg.seed)
@@ -220,13 +239,19 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
             break
         t0 = time.perf_counter()
         rows = reader.next_rows(cfg.rows_per_step)
-        batches = [collate(rows[i:i + micro], processor, pad_id) for i in range(0, len(rows), micro)]
+        batches = [collate(rows[i : i + micro], processor, pad_id) for i in range(0, len(rows), micro)]
         n_labels = sum(_label_count(b) for b in batches)
         lr = optimizer.param_groups[0]["lr"]
         loss_sum = 0.0
         for b in batches:
-            _, ls = model(b["input_ids"], pixel_values=b["pixel_values"], position_ids=b["position_ids"],
-                          seq_lens=b["seq_lens"], labels=b["labels"], reduction="sum")
+            _, ls = model(
+                b["input_ids"],
+                pixel_values=b["pixel_values"],
+                position_ids=b["position_ids"],
+                seq_lens=b["seq_lens"],
+                labels=b["labels"],
+                reduction="sum",
+            )
             (ls[0] / max(n_labels, 1)).backward()
             loss_sum += float(ls[0].detach())
         grad_norm = None
@@ -244,25 +269,40 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
             window[k] += n
         window["time"] += dt
         if step % cfg.log_every == 0 or step == max_steps:
-            rec = {"step": step, "epoch": rows[-1]["epoch"], "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
-                   "label_tokens": n_labels, "tokens_per_s": window["tokens"] / window["time"],
-                   "useful_tokens_per_s": window["useful_tokens"] / window["time"],
-                   "useful_ratio": window["useful_tokens"] / window["tokens"],
-                   "padding_waste": 1 - window["useful_tokens"] / window["tokens"],
-                   "samples_per_s": window["samples"] / window["time"],
-                   "steps_per_s": cfg.log_every / window["time"] if step % cfg.log_every == 0 else None}
+            rec = {
+                "step": step,
+                "epoch": rows[-1]["epoch"],
+                "loss": last_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "label_tokens": n_labels,
+                "tokens_per_s": window["tokens"] / window["time"],
+                "useful_tokens_per_s": window["useful_tokens"] / window["time"],
+                "useful_ratio": window["useful_tokens"] / window["tokens"],
+                "padding_waste": 1 - window["useful_tokens"] / window["tokens"],
+                "samples_per_s": window["samples"] / window["time"],
+                "steps_per_s": cfg.log_every / window["time"] if step % cfg.log_every == 0 else None,
+            }
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             window = {"tokens": 0, "useful_tokens": 0, "samples": 0, "time": 0.0}
         if step % cfg.checkpoint_every == 0 or step == max_steps:
             _write_checkpoint(ckdir, model, optimizer, scheduler, step, reader, cfg, cfg.keep_checkpoints)
     elapsed = time.perf_counter() - t_start
-    summary = {"steps": step, "max_steps": max_steps, "resumed_from": resumed_from, "finished": step >= max_steps,
-               "last_loss": last_loss, "elapsed_s": elapsed, "init_loaded": loaded, "packing": report,
-               "steps_per_s": (step - resumed_from) / elapsed if elapsed else None,
-               "tokens_per_s": totals["tokens"] / elapsed if elapsed else None,
-               "useful_tokens_per_s": totals["useful_tokens"] / elapsed if elapsed else None,
-               "final": str(out / "final") if step >= max_steps else None}
+    summary = {
+        "steps": step,
+        "max_steps": max_steps,
+        "resumed_from": resumed_from,
+        "finished": step >= max_steps,
+        "last_loss": last_loss,
+        "elapsed_s": elapsed,
+        "init_loaded": loaded,
+        "packing": report,
+        "steps_per_s": (step - resumed_from) / elapsed if elapsed else None,
+        "tokens_per_s": totals["tokens"] / elapsed if elapsed else None,
+        "useful_tokens_per_s": totals["useful_tokens"] / elapsed if elapsed else None,
+        "final": str(out / "final") if step >= max_steps else None,
+    }
     if step >= max_steps and (step > resumed_from or not (out / "final").exists()):
         _save_final(out / "final", model, tokenizer, processor, summary)
     return summary

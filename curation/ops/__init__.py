@@ -1,6 +1,8 @@
 """The op registry: every op a pipeline YAML can name."""
+
 from curation.ops.balance import Balance
 from curation.ops.base import Op
+from curation.ops.decontaminate import Decontaminate
 from curation.ops.dedup import Dedup
 from curation.ops.embed import Embed
 from curation.ops.filter import Filter
@@ -8,5 +10,9 @@ from curation.ops.ingest import Ingest
 from curation.ops.instruct import Instruct
 from curation.ops.match_concepts import MatchConcepts
 from curation.ops.recaption import Recaption
+from curation.ops.semdedup import SemDedup
 
-OPS: dict[str, type[Op]] = {op.name: op for op in (Ingest, Dedup, Filter, Embed, MatchConcepts, Balance, Recaption, Instruct)}
+OPS: dict[str, type[Op]] = {
+    op.name: op
+    for op in (Ingest, Dedup, Filter, Embed, SemDedup, Decontaminate, MatchConcepts, Balance, Recaption, Instruct)
+}

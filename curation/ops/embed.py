@@ -1,4 +1,5 @@
 """embed: open_clip image (and caption) embeddings per image; images that do not decode are rejected."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from curation.ops.base import Op, Params
-from curation.store import empty_rejects, make_rejects
+from curation.engine.store import empty_rejects, make_rejects
+from curation.ops.base import Op, Params, Placement
 from schemas import Embedding, arrow_schema
 
 SCHEMA = arrow_schema(Embedding)
@@ -17,8 +18,12 @@ SCHEMA = arrow_schema(Embedding)
 
 class EmbedParams(Params):
     model: str = Field("ViT-H-14-quickgelu", description="open_clip model name")
-    pretrained: str | None = Field("metaclip_fullcc", description="open_clip tag (cached locally) or a local checkpoint path")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA or a bf16 CPU, else fp32")
+    pretrained: str | None = Field(
+        "metaclip_fullcc", description="open_clip tag (cached locally) or a local checkpoint path"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA or a bf16 CPU, else fp32"
+    )
     batch_size: int = Field(32, ge=1)
     text: bool = Field(True, description="also embed the caption with the text tower (null caption -> null)")
 
@@ -38,7 +43,9 @@ class Embed(Op):
     version = "1"
     Params = EmbedParams
     output = Embedding
-    actor = True
+
+    def placement(self) -> Placement:
+        return Placement(actor=True)  # the model is built once per actor
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -51,7 +58,7 @@ class Embed(Op):
     def setup(self) -> None:
         import torch
 
-        from curation.clip import load_clip
+        from curation.concepts.clip import load_clip
 
         if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # Ray sets it to the actor's num_cpus
             torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
@@ -79,5 +86,7 @@ class Embed(Op):
             schema=SCHEMA,
         )
         bad = sorted(errors)
-        rejects = make_rejects(table.take(pa.array(bad, pa.int64())), self.stage, "decode_error", [errors[i] for i in bad])
+        rejects = make_rejects(
+            table.take(pa.array(bad, pa.int64())), self.stage, "decode_error", [errors[i] for i in bad]
+        )
         return out, rejects

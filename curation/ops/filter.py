@@ -1,15 +1,21 @@
-"""filter: size, aspect and caption rules, each failure a reason code."""
+"""filter: size, aspect and caption rules, each failure a reason code.
+
+Caption hygiene (issue 15): a caption reaches training turns as it is (kind caption), so one that would corrupt
+them is rejected, not cleaned: invalid UTF-8 (ingest decodes it to U+FFFD), control characters and ANSI escape
+sequences, special tokens of the chat format (`<image>` would add an image slot), repeated-character spam."""
+
 from __future__ import annotations
 
 import re
+import unicodedata
 
-import pyarrow as pa
 import py3langid
+import pyarrow as pa
 from pydantic import Field
 
+from curation.engine.store import make_rejects
 from curation.ops.base import Op, Params
-from curation.store import make_rejects
-from schemas import FilteredImage
+from schemas import Filtered
 
 BOILERPLATE = [
     r"^\s*(img|dsc|image|photo|pic|picture|screenshot)[_\- ]?\d*(\.\w{3,4})?\s*$",  # camera and file names
@@ -18,6 +24,18 @@ BOILERPLATE = [
     r"click here|download now|royalty[- ]free|stock (photo|image)|all rights reserved|no description|"
     r"free shipping|image may contain|add to cart",
 ]
+
+
+SPECIAL_TOKENS = ["<image>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>", "</s>"]
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")  # CSI sequences (colours, cursor) and 2-byte escapes
+
+
+def _control(text: str) -> str | None:
+    """What makes the text carry terminal or control codes (None when clean); tab and newlines are allowed."""
+    if m := _ANSI.search(text):
+        return f"ANSI escape sequence {m.group()!r}"
+    bad = next((ch for ch in text if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r"), None)
+    return None if bad is None else f"control character U+{ord(bad):04X}"
 
 
 def _cjk(text: str) -> bool:
@@ -35,19 +53,31 @@ class FilterParams(Params):
     boilerplate: list[str] = Field(default_factory=lambda: list(BOILERPLATE), description="case-insensitive regexes")
     languages: list[str] | None = Field(["en"], description="ISO 639-1 codes to keep; null keeps all")
     lang_min_chars: int = Field(20, ge=0, description="captions shorter than this are not language-checked")
+    special_tokens: list[str] = Field(
+        default_factory=lambda: list(SPECIAL_TOKENS),
+        description="strings of the training format a caption may not hold (`<image>`: one image slot per sample)",
+    )
+    max_repeats: int = Field(
+        10, ge=2, description="a unit of 1-4 characters repeated this many times in a row is spam ('!!!!', 'hahaha')"
+    )
 
 
 class Filter(Op):
     """Row-wise rules; the first rule a row breaks is its reason."""
 
     name = "filter"
-    version = "1"
+    version = "3"  # 2: thin rows (uid, lang); the image stays in the source stage's rows; 3: caption hygiene
     Params = FilterParams
-    output = FilteredImage
+    output = Filtered
+
+    @classmethod
+    def required_columns(cls, params: FilterParams) -> set[str]:
+        return {"uid", "url", "caption", "original_width", "original_height"}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.boilerplate = [re.compile(p, re.I) for p in self.params.boilerplate]
+        self.repeats = re.compile(r"(\S.{0,3}?)\1{" + str(self.params.max_repeats - 1) + ",}", re.S)
 
     def check(self, row: dict) -> tuple[str | None, str | None, str | None]:
         """(reason, detail, lang) of one row; reason None when it passes."""
@@ -60,12 +90,20 @@ class Filter(Op):
         cap = (row["caption"] or "").strip()
         if not cap:
             return ("caption_missing", None, None) if p.require_caption else (None, None, None)
+        if len(cap) > p.max_caption_chars:
+            return "caption_too_long", f"{len(cap)} chars", None
+        if "\ufffd" in cap or any("\ud800" <= ch <= "\udfff" for ch in cap):
+            return "caption_encoding", "invalid UTF-8 (U+FFFD or a lone surrogate)", None
+        if why := _control(cap):
+            return "caption_control_chars", why, None
+        if tok := next((t for t in p.special_tokens if t in cap), None):
+            return "caption_special_token", f"holds {tok!r}", None
         if len(cap) < p.min_caption_chars:
             return "caption_too_short", f"{len(cap)} chars", None
         if len(cap.split()) < p.min_caption_words and not _cjk(cap):
             return "caption_too_short", f"{len(cap.split())} word(s)", None
-        if len(cap) > p.max_caption_chars:
-            return "caption_too_long", f"{len(cap)} chars", None
+        if m := self.repeats.search(cap):
+            return "caption_repetitive", f"{m.group(1)!r} repeated {len(m.group()) // len(m.group(1))} times", None
         for rx in self.boilerplate:
             if rx.search(cap):
                 return "caption_boilerplate", f"matches {rx.pattern!r}", None
@@ -78,7 +116,8 @@ class Filter(Op):
         rows = table.select(["uid", "url", "caption", "original_width", "original_height"]).to_pylist()
         verdicts = [self.check(r) for r in rows]
         keep = pa.array([v[0] is None for v in verdicts], pa.bool_())
-        out = table.filter(keep).append_column("lang", pa.array([v[2] for v in verdicts if v[0] is None], pa.string()))
+        lang = pa.array([v[2] for v in verdicts if v[0] is None], pa.string())
+        out = table.filter(keep).select(["uid"]).append_column("lang", lang)
         bad = [(r, v) for r, v in zip(rows, verdicts) if v[0] is not None]
         rejects = make_rejects([r for r, _ in bad], self.stage, [v[0] for _, v in bad], [v[1] for _, v in bad])
         return out, rejects

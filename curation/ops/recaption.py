@@ -1,13 +1,17 @@
-"""recaption: a new caption per image from a VLM (alt-text and boxes as context, the image attached), or from templates."""
+"""recaption: a new caption per image from a VLM (alt-text and boxes as context, the image attached), or from
+templates."""
+
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import model_validator
 
-from curation.ops.synth import SynthOp
-from curation.synth.generate import LLMParams, Outcome, context, image_message
+from curation.ops.synth_base import SynthOp
+from curation.synth.params import LLMParams
+from curation.synth.prompts import context, image_message
 from curation.synth.rules import describe
+from curation.synth.types import Outcome
 from schemas import Caption
 
 
@@ -25,9 +29,13 @@ class Recaption(SynthOp):
     """Caption rows (uid, recaption, lang, model, prompt_version), joined to the images downstream by uid."""
 
     name = "recaption"
-    version = "1"
+    version = "2"  # 2: columns named recaption_* (unique in a run dir, read by uid downstream)
     Params = RecaptionParams
     output = Caption
+
+    @classmethod
+    def required_columns(cls, params: RecaptionParams) -> set[str]:
+        return {"uid", "url", "caption"} | ({"image"} if params.backend != "rules" else set())  # a VLM sees it
 
     @property
     def task(self) -> str:
@@ -38,14 +46,25 @@ class Recaption(SynthOp):
         for r in rows:
             objects = self.ann.objects.get(r["url"])
             text = describe(objects, [r["caption"]] if r["caption"] else []) if objects else None
-            out.append(Outcome([{"from": "human", "value": ""}, {"from": "gpt", "value": text}]) if text
-                       else Outcome(None, "no_objects", "the rules backend needs the image's boxes in annotations"))
+            out.append(
+                Outcome([{"from": "human", "value": ""}, {"from": "gpt", "value": text}])
+                if text
+                else Outcome(None, "no_objects", "the rules backend needs the image's boxes in annotations")
+            )
         return out
 
     def ask(self, rows: list[dict]) -> list[Outcome]:
-        msgs = [image_message(self.prompt.messages(context([r["caption"]], self.ann.boxes(r["url"]))), r["image"]) for r in rows]
+        msgs = [
+            image_message(self.prompt.messages(context([r["caption"]], self.ann.boxes(r["url"]))), r["image"])
+            for r in rows
+        ]
         return self.client.outcomes(self.prompt, [r["uid"] for r in rows], msgs, self.task, lang=self.params.lang)
 
     def row(self, src: dict, turns: list[dict]) -> dict:
-        return {"uid": src["uid"], "recaption": turns[-1]["value"], "lang": self.params.lang, "model": self.model_name,
-                "prompt_version": self.prompt.version}
+        return {
+            "uid": src["uid"],
+            "recaption": turns[-1]["value"],
+            "recaption_lang": self.params.lang,
+            "recaption_model": self.model_name,
+            "recaption_prompt_version": self.prompt.version,
+        }

@@ -1,4 +1,5 @@
 """The request cache: answers keyed by (prompt version, model, sampling, messages) in SQLite, safe against kills."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,12 +7,13 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import BaseModel
 
-from curation.synth.openai_backend import OpenAIBackend, Request, Result, run_sync, to_json
+from curation.synth.types import Backend, Request, Result, run_sync
 
 
 def _plain(value: Any) -> Any:
@@ -37,8 +39,9 @@ class RequestCache:
         self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
-        self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, result TEXT NOT NULL, "
-                         "created REAL NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, result TEXT NOT NULL, created REAL NOT NULL)"
+        )
 
     def __repr__(self) -> str:
         return f"RequestCache({str(self.path)!r})"
@@ -52,9 +55,10 @@ class RequestCache:
         keys, found = list(dict.fromkeys(keys)), {}
         with self._lock:
             for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
-                chunk = keys[i:i + 500]
-                rows = self._db.execute(f"SELECT key, result FROM answers WHERE key IN ({','.join('?' * len(chunk))})",
-                                        chunk).fetchall()
+                chunk = keys[i : i + 500]
+                rows = self._db.execute(
+                    f"SELECT key, result FROM answers WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                ).fetchall()
                 found.update((k, Result.model_validate_json(v)) for k, v in rows)
         return found
 
@@ -63,8 +67,10 @@ class RequestCache:
         if not result.ok:
             return False
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO answers (key, result, created) VALUES (?, ?, ?)",
-                             (key, to_json(result), time.time()))
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers (key, result, created) VALUES (?, ?, ?)",
+                (key, to_json(result), time.time()),
+            )
         return True
 
     def __len__(self) -> int:
@@ -77,7 +83,7 @@ class RequestCache:
             self._db.close()
 
 
-async def cached_generate(backend: OpenAIBackend, cache: RequestCache, requests: list[Request]) -> list[Result]:
+async def cached_generate(backend: Backend, cache: RequestCache, requests: list[Request]) -> list[Result]:
     """Results in request order: hits from the cache, misses sent once each (by cache key) and stored on arrival."""
     keys = [key_for(r.prompt_version, backend.model, r.sampling, r.messages) for r in requests]
     hits = cache.get_many(keys)
@@ -85,8 +91,7 @@ async def cached_generate(backend: OpenAIBackend, cache: RequestCache, requests:
     for key, req in zip(keys, requests):
         if key not in hits and key not in misses:
             misses[key] = req.model_copy(update={"key": key})
-    fresh = {r.key: r for r in await backend.generate(list(misses.values()),
-                                                      on_result=lambda r: cache.put(r.key, r))}
+    fresh = {r.key: r for r in await backend.generate(list(misses.values()), on_result=lambda r: cache.put(r.key, r))}
     out = []
     for key, req in zip(keys, requests):
         if key in hits:
@@ -96,6 +101,11 @@ async def cached_generate(backend: OpenAIBackend, cache: RequestCache, requests:
     return out
 
 
-def run_cached(backend: OpenAIBackend, cache: RequestCache, requests: list[Request]) -> list[Result]:
+def run_cached(backend: Backend, cache: RequestCache, requests: list[Request]) -> list[Result]:
     """`cached_generate` from synchronous code."""
     return run_sync(cached_generate(backend, cache, requests))
+
+
+def to_json(result: Result) -> str:
+    """A Result as compact JSON (what the cache stores)."""
+    return json.dumps(result.model_dump(exclude={"cached"}), separators=(",", ":"), ensure_ascii=False)

@@ -1,57 +1,21 @@
 """The `openai` backend: any OpenAI-compatible chat server, async, bounded concurrency, retries, usage and cost."""
+
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Coroutine, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import httpx2  # the SDK's own HTTP library (openai >= 3 ships on httpx2)
 import openai
-from pydantic import BaseModel, Field
 
-from curation.synth.prompts import Sampling
+from curation.synth.types import Request, Result, Usage, count_result, run_sync
 
 ERROR_REASONS = ("rate_limited", "server_error", "timeout", "malformed_response", "connection_error", "bad_request")
-T = TypeVar("T")
 PLACEHOLDER_KEY = "EMPTY"  # what a local `vllm serve` without --api-key accepts
-
-
-class Request(BaseModel):
-    """One chat completion to make; `key` names it in the results (e.g. uid + task)."""
-
-    key: str
-    messages: list[dict[str, Any]]
-    sampling: Sampling = Field(default_factory=Sampling)
-    prompt_version: str = ""
-
-
-class Usage(BaseModel):
-    """Token counts the server reported."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class Result(BaseModel):
-    """What became of one request: text and finish_reason, or an error reason code; never both."""
-
-    key: str
-    text: str | None = None
-    finish_reason: str | None = None
-    usage: Usage = Field(default_factory=Usage)
-    error_reason: str | None = None
-    error_detail: str | None = None
-    attempts: int = 0
-    cached: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True when the server answered with a completion."""
-        return self.error_reason is None
 
 
 class _Malformed(Exception):
@@ -101,23 +65,21 @@ def _retryable(reason: str) -> bool:
     return reason != "bad_request"
 
 
-
-def count_result(stats: Counter, failures: Counter, result: Result) -> None:
-    """Add one result to a backend's usage counters (shared by the openai and vllm backends)."""
-    stats["requests"] += 1
-    if result.ok:
-        stats["successes"] += 1
-        stats["prompt_tokens"] += result.usage.prompt_tokens
-        stats["completion_tokens"] += result.usage.completion_tokens
-    else:
-        failures[result.error_reason] += 1
-
 class OpenAIBackend:
     """Chat completions from an OpenAI-compatible endpoint; the API key is read from the env when a run starts."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 16,
-                 timeout: float = 60.0, max_retries: int = 5, price_per_1k_prompt: float = 0.0,
-                 price_per_1k_completion: float = 0.0, transport: str = "aiohttp"):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 16,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        price_per_1k_prompt: float = 0.0,
+        price_per_1k_completion: float = 0.0,
+        transport: str = "aiohttp",
+    ):
         if concurrency < 1 or max_retries < 0 or timeout <= 0 or transport not in ("httpx", "aiohttp"):
             raise ValueError("concurrency must be >= 1, max_retries >= 0, timeout > 0, transport httpx or aiohttp")
         self.base_url, self.model, self.api_key_env = base_url, model, api_key_env
@@ -129,9 +91,11 @@ class OpenAIBackend:
         self._wall = 0.0
 
     def __repr__(self) -> str:
-        return (f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
-                f"concurrency={self.concurrency}, timeout={self.timeout}, max_retries={self.max_retries}, "
-                f"transport={self.transport!r})")
+        return (
+            f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
+            f"concurrency={self.concurrency}, timeout={self.timeout}, max_retries={self.max_retries}, "
+            f"transport={self.transport!r})"
+        )
 
     def _key(self) -> str:
         """The API key from the environment (never stored on the object, so it is never pickled or printed)."""
@@ -148,10 +112,16 @@ class OpenAIBackend:
         if self.transport == "aiohttp":
             http = openai.DefaultAioHttpClient()
         elif self.concurrency > 100:  # the SDK keeps 100 alive by default: more would reconnect per request
-            http = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(
-                max_connections=self.concurrency, max_keepalive_connections=self.concurrency))
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key(), timeout=self.timeout,
-                                  max_retries=self.max_retries, http_client=http)
+            http = openai.DefaultAsyncHttpxClient(
+                limits=httpx2.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+            )
+        return openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=self._key(),
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+            http_client=http,
+        )
 
     async def _one(self, client: openai.AsyncOpenAI, sem: asyncio.Semaphore, req: Request) -> Result:
         """Send one request (SDK retries for 429/5xx/timeouts/connection errors, ours for malformed bodies)."""
@@ -162,8 +132,9 @@ class OpenAIBackend:
                 # the SDK's documented low-level `post`: its retries, timeouts and errors, without the typed
                 # request transform and response model (~1.5 ms CPU per request, the client's main cost)
                 async with sem:
-                    resp = await client.post("/chat/completions", body=body, cast_to=httpx2.Response,
-                                             options={"max_retries": budget})
+                    resp = await client.post(
+                        "/chat/completions", body=body, cast_to=httpx2.Response, options={"max_retries": budget}
+                    )
                 used = int(resp.request.headers.get("x-stainless-retry-count", 0)) + 1
                 attempts, budget = attempts + used, budget - used
                 text, finish, usage = _parse(resp)
@@ -186,8 +157,9 @@ class OpenAIBackend:
         self._stats["retries"] += max(result.attempts - 1, 0)
         count_result(self._stats, self._failures, result)
 
-    async def generate(self, requests: list[Request],
-                       on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    async def generate(
+        self, requests: list[Request], on_result: Callable[[Result], None] | None = None
+    ) -> list[Result]:
         """One Result per request, in request order; `on_result` sees each as soon as it finishes."""
         start = time.perf_counter()
         sem = asyncio.Semaphore(self.concurrency)
@@ -213,23 +185,17 @@ class OpenAIBackend:
     def stats(self) -> dict[str, Any]:
         """Usage of this backend so far: requests, successes, failures by reason, tokens, cost, retries, wall."""
         s = self._stats
-        cost = (s["prompt_tokens"] * self.price_per_1k_prompt + s["completion_tokens"] * self.price_per_1k_completion) / 1000
-        return {"model": self.model, "requests": s["requests"], "successes": s["successes"],
-                "failures": dict(self._failures), "prompt_tokens": s["prompt_tokens"],
-                "completion_tokens": s["completion_tokens"], "cost": round(cost, 6), "retries": s["retries"],
-                "wall_s": round(self._wall, 3)}
-
-
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion from sync code, in a fresh thread if this thread already runs a loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-def to_json(result: Result) -> str:
-    """A Result as compact JSON (what the cache stores)."""
-    return json.dumps(result.model_dump(exclude={"cached"}), separators=(",", ":"), ensure_ascii=False)
+        cost = (
+            s["prompt_tokens"] * self.price_per_1k_prompt + s["completion_tokens"] * self.price_per_1k_completion
+        ) / 1000
+        return {
+            "model": self.model,
+            "requests": s["requests"],
+            "successes": s["successes"],
+            "failures": dict(self._failures),
+            "prompt_tokens": s["prompt_tokens"],
+            "completion_tokens": s["completion_tokens"],
+            "cost": round(cost, 6),
+            "retries": s["retries"],
+            "wall_s": round(self._wall, 3),
+        }

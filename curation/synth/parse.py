@@ -1,10 +1,11 @@
 """Model outputs into LLaVA conversations (human/gpt turns) and the validity filter with reason codes."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import py3langid
 from pydantic import ValidationError
@@ -12,7 +13,16 @@ from pydantic import ValidationError
 from schemas.rows import Turn
 
 IMAGE = "<image>"
-REASONS = ("truncated", "unparseable", "empty_turn", "refusal", "repeated_words", "too_short", "too_long", "wrong_language")
+REASONS = (
+    "truncated",
+    "unparseable",
+    "empty_turn",
+    "refusal",
+    "repeated_words",
+    "too_short",
+    "too_long",
+    "wrong_language",
+)
 
 # Our own phrasings of the human turn for outputs that carry no question (LLaVA samples one per image too).
 DETAIL_QUESTIONS = (
@@ -24,6 +34,21 @@ DETAIL_QUESTIONS = (
     "Provide an in-depth description of the picture.",
     "Tell me about this image, covering as many details as you can.",
     "Explain the contents of this image thoroughly.",
+)
+# LLaVA's instructions for brief image description (Liu et al. 2023, its stage-1 pretraining data): the human turn
+# of a `caption` sample, drawn per uid.
+BRIEF_INSTRUCTIONS = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
 )
 CAPTION_QUESTIONS = {
     "en": (
@@ -56,7 +81,8 @@ _FENCE = re.compile(r"```(?:json|JSON)?\s*\n(.*?)\n?```", re.S)
 
 
 def _qa_blocks(text: str) -> list[tuple[str, str]]:
-    """`Question:\\n...\\n===\\nAnswer:\\n...` blocks into (human|gpt, text) pairs; text before the first label is dropped."""
+    """`Question:\\n...\\n===\\nAnswer:\\n...` blocks into (human|gpt, text) pairs; text before the first label is
+    dropped."""
     segs: list[list] = []
     for line in text.split("\n"):
         if _SEP.match(line):
@@ -92,8 +118,18 @@ def _json_turns(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def parse_output(text: str, parser: str, kind: str = "", uid: str = "", *,
-                 question: str | None = None, lang: str = "en") -> list[dict[str, str]]:
+def image_slots(turns: list[dict]) -> str | None:
+    """Why a sample's turns break the one-image rule (None when `<image>` is held once, leading the first human
+    turn): an alt-text or recaption that holds the token would give the trainer a second image slot."""
+    n = sum(t["value"].count(IMAGE) for t in turns)
+    if n == 1 and turns[0]["from"] == "human" and turns[0]["value"].startswith(IMAGE):
+        return None
+    return f"{n} {IMAGE} tokens in the turns; one, leading the first human turn, is the rule"
+
+
+def parse_output(
+    text: str, parser: str, kind: str = "", uid: str = "", *, question: str | None = None, lang: str = "en"
+) -> list[dict[str, str]]:
     """Parse one output into validated turns ({"from", "value"}), `<image>\\n` leading the first human turn.
 
     qa_blocks/json: the output's own questions. answer_only/caption: the whole text is the gpt answer; the
@@ -123,8 +159,10 @@ def parse_output(text: str, parser: str, kind: str = "", uid: str = "", *,
 
 
 _REFUSAL = re.compile(
-    r"^\W*(?:(?:i['’]?m sorry|i am sorry|sorry|i apologi[sz]e|i cannot|i can['’]?t|i can not|i['’]?m unable|i am unable|"
-    r"i['’]?m not able|i am not able|as an ai|as a language model)\b|抱歉|很抱歉|对不起|我无法|我不能|作为(?:一个)?(?:ai|人工智能))",
+    r"^\W*(?:(?:i['’]?m sorry|i am sorry|sorry|i apologi[sz]e|i cannot|i can['’]?t|i can not|i['’]?m unable|i "
+    r"am unable|"
+    r"i['’]?m not able|i am not able|as an ai|as a language "
+    r"model)\b|抱歉|很抱歉|对不起|我无法|我不能|作为(?:一个)?(?:ai|人工智能))",
     re.I,
 )
 _WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
@@ -140,8 +178,16 @@ def repeated_run(text: str) -> int:
     return best
 
 
-def check(text: str, turns: list[dict] | None, finish_reason: str | None, lang: str | None = None,
-          min_chars: int = 50, max_chars: int = 3500, repeat_limit: int = 8, lang_min_chars: int = 40) -> str | None:
+def check(
+    text: str,
+    turns: list[dict] | None,
+    finish_reason: str | None,
+    lang: str | None = None,
+    min_chars: int = 50,
+    max_chars: int = 3500,
+    repeat_limit: int = 8,
+    lang_min_chars: int = 40,
+) -> str | None:
     """The first validity reason that applies to one output (see REASONS), or None when it is fine.
 
     turns is parse_output's result, None when parsing failed. Lengths and language are measured on the gpt
@@ -171,8 +217,9 @@ def check(text: str, turns: list[dict] | None, finish_reason: str | None, lang: 
     return None
 
 
-def parse_and_check(text: str, parser: str, finish_reason: str | None = None, kind: str = "", uid: str = "",
-                    **check_kw) -> tuple[list[dict[str, str]] | None, str | None, str]:
+def parse_and_check(
+    text: str, parser: str, finish_reason: str | None = None, kind: str = "", uid: str = "", **check_kw
+) -> tuple[list[dict[str, str]] | None, str | None, str]:
     """parse_output then check: (turns or None, reason or None, detail for a reject row)."""
     try:
         turns = parse_output(text, parser, kind, uid, lang=check_kw.get("lang") or "en")

@@ -1,16 +1,21 @@
 """Prompt folders in LLaVA's layout (+ optional prompt.yaml), their version hash, and message rendering."""
+
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from curation import PROMPTS
 
 Parser = Literal["qa_blocks", "answer_only", "json", "caption"]
 Box = tuple[str, Sequence[float]]
@@ -119,7 +124,9 @@ def folder_version(folder: str | Path) -> str:
     """sha256 (first 16 hex) over every non-hidden file of the folder: sorted relative paths and bytes."""
     root = Path(folder)
     h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+    )
     for p in files:
         data = p.read_bytes()
         h.update(p.relative_to(root).as_posix().encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
@@ -159,6 +166,15 @@ def _infer_parser(folder: Path, shots: Sequence[Shot]) -> Parser:
     return "json" if first.startswith(("[", "```")) else "answer_only"
 
 
+def find_prompt(folder: str | Path) -> Path:
+    """A prompt folder, else the packaged prompt that a bare name (`conversation`, `recaption_en`) names."""
+    folder = Path(folder)
+    packaged = PROMPTS / folder.name
+    if not folder.exists() and str(folder.parent) == "." and packaged.is_dir():
+        return packaged
+    return folder
+
+
 def load_prompt(folder: str | Path) -> PromptSet:
     """Load a prompt folder (ours, or LLaVA's original ones unchanged) into a PromptSet."""
     folder = Path(folder)
@@ -178,7 +194,9 @@ def load_prompt(folder: str | Path) -> PromptSet:
                 have = next(iter(pairs[n].values())).name
                 raise PromptError(f"{folder / f'{n:03d}_{need}.txt'}: missing; {have} needs its pair file")
         shots.append(Shot(_read(pairs[n]["caps"]), _read(pairs[n]["conv"])))
-    meta = meta.model_copy(update={"task": meta.task or folder.name, "parser": meta.parser or _infer_parser(folder, shots)})
+    meta = meta.model_copy(
+        update={"task": meta.task or folder.name, "parser": meta.parser or _infer_parser(folder, shots)}
+    )
     return PromptSet(folder, meta, _read(folder / SYSTEM_FILE), tuple(shots), folder_version(folder))
 
 
@@ -196,7 +214,8 @@ def one_line(text: str) -> str:
 
 
 def sanitize(text: str) -> str:
-    """Input data made inert: no delimiter tags, no '===' separators, no line opening with Question:/Answer:, no fences."""
+    """Input data made inert: no delimiter tags, no '===' separators, no line opening with Question:/Answer:, no
+    fences."""
     lines = []
     for line in text.replace("\r\n", "\n").split("\n"):
         line = _BIDI.sub("", _CTRL.sub(" ", line))
@@ -217,12 +236,15 @@ def render_box(category: str, box: Sequence[float], image_size: tuple[int, int] 
         w, h = image_size
         box = (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
     elif any(v > 1.0 + 1e-6 for v in box):
-        raise ValueError(f"box {list(box)} for {category!r} is not normalised: pass image_size=(width, height) for pixel boxes")
+        raise ValueError(
+            f"box {list(box)} for {category!r} is not normalised: pass image_size=(width, height) for pixel boxes"
+        )
     return f"{one_line(category)}: [{', '.join(_num(v) for v in box)}]"
 
 
-def render_context(captions: Sequence[str], boxes: Sequence[Box] | None = None,
-                   image_size: tuple[int, int] | None = None) -> str:
+def render_context(
+    captions: Sequence[str], boxes: Sequence[Box] | None = None, image_size: tuple[int, int] | None = None
+) -> str:
     """LLaVA's context: captions one per line, then (if any boxes) a blank line and one box per line."""
     lines = [c for c in (one_line(c) for c in captions) if c]
     text = "\n".join(lines)
@@ -236,8 +258,29 @@ def key_text(messages: list[dict[str, str]]) -> str:
     return json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
-def render(prompt: PromptSet, captions: Sequence[str], boxes: Sequence[Box] | None = None,
-           image_size: tuple[int, int] | None = None) -> tuple[list[dict[str, str]], str]:
+def render(
+    prompt: PromptSet,
+    captions: Sequence[str],
+    boxes: Sequence[Box] | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> tuple[list[dict[str, str]], str]:
     """Messages for one image and the canonical text the cache hashes (with prompt version, model, sampling)."""
     msgs = prompt.messages(render_context(captions, boxes, image_size))
     return msgs, key_text(msgs)
+
+
+def context(captions: Sequence[str | None], boxes: Sequence[Box] | None) -> str:
+    """The query's context: the captions that are there, then the boxes."""
+    return render_context([c for c in captions if c], boxes or None)
+
+
+def image_message(messages: list[dict], image: bytes) -> list[dict]:
+    """The query turn with the image attached (OpenAI vision format), for a VLM."""
+    url = "data:image/jpeg;base64," + base64.b64encode(image).decode()
+    last = messages[-1]
+    return messages[:-1] + [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": last["content"]}, {"type": "image_url", "image_url": {"url": url}}],
+        }
+    ]

@@ -1,17 +1,21 @@
-"""The offline `rules` backend: LLaVA-format turns from an image's boxes by templates (count, colour, position, existence)."""
+"""The offline `rules` backend: LLaVA-format turns from an image's boxes by templates (count, colour, position,
+existence)."""
+
 from __future__ import annotations
 
 import hashlib
 import random
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer format prompt
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 DETAIL_QUESTIONS = [
-    "Describe the image in detail.", "What do you see in this picture? Describe it thoroughly.",
-    "Give a detailed description of the image.", "Explain the contents of the image in detail.",
+    "Describe the image in detail.",
+    "What do you see in this picture? Describe it thoroughly.",
+    "Give a detailed description of the image.",
+    "Explain the contents of the image in detail.",
 ]
 KINDS = ("conversation", "detail_description", "complex_reasoning", "short_answer", "multiple_choice")
 QUESTIONS = ("count_total", "count", "colour", "position", "existence")  # what a templated question asks about
@@ -48,33 +52,96 @@ def _facts(objects: list[dict], vocab: dict[str, list[str]], rng: random.Random)
     by_cat = Counter(o["category"] for o in objects)
     by_name = Counter(name(o) for o in objects)
     n = len(objects)
-    facts.append(("count_total", "How many shapes are there in the image?", number(n),
-                  f"There {'is' if n == 1 else 'are'} {number(n)} {plural('shape', n)} in the image.",
-                  [number(k) for k in range(1, 6) if k != n]))
+    facts.append(
+        (
+            "count_total",
+            "How many shapes are there in the image?",
+            number(n),
+            f"There {'is' if n == 1 else 'are'} {number(n)} {plural('shape', n)} in the image.",
+            [number(k) for k in range(1, 6) if k != n],
+        )
+    )
     for cat, n in by_cat.items():
-        facts.append(("count", f"How many {plural(cat, 2)} are there in the image?", number(n),
-                      f"There {'is' if n == 1 else 'are'} {number(n)} {plural(cat, n)} in the image.",
-                      [number(k) for k in range(1, 6) if k != n]))
+        facts.append(
+            (
+                "count",
+                f"How many {plural(cat, 2)} are there in the image?",
+                number(n),
+                f"There {'is' if n == 1 else 'are'} {number(n)} {plural(cat, n)} in the image.",
+                [number(k) for k in range(1, 6) if k != n],
+            )
+        )
     for nm, n in by_name.items():
         if nm in by_cat:
             continue
-        facts.append(("count", f"How many {plural(nm, 2)} can you see?", number(n), f"I can see {number(n)} {plural(nm, n)}.",
-                      [number(k) for k in range(1, 6) if k != n]))
+        facts.append(
+            (
+                "count",
+                f"How many {plural(nm, 2)} can you see?",
+                number(n),
+                f"I can see {number(n)} {plural(nm, n)}.",
+                [number(k) for k in range(1, 6) if k != n],
+            )
+        )
     for o in objects:
         if by_cat[o["category"]] == 1 and o.get("color"):
-            facts.append(("colour", f"What color is the {o['category']}?", o["color"].capitalize(), f"The {o['category']} is {o['color']}.",
-                          [c.capitalize() for c in vocab.get("color", []) if c != o["color"]]))
+            facts.append(
+                (
+                    "colour",
+                    f"What color is the {o['category']}?",
+                    o["color"].capitalize(),
+                    f"The {o['category']} is {o['color']}.",
+                    [c.capitalize() for c in vocab.get("color", []) if c != o["color"]],
+                )
+            )
         if by_name[name(o)] == 1:
             where = position(o["box"])
-            facts.append(("position", f"Where is the {name(o)} in the image?", where.capitalize(),
-                          f"The {name(o)} is in the {where} part of the image." if where != "center" else f"The {name(o)} is in the center of the image.",
-                          [p.capitalize() for p in ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right") if p != where]))
-    absent = [f"{c} {k}" if c else k for c in vocab.get("color", [None]) for k in vocab.get("category", []) if f"{c} {k}" not in by_name]
+            facts.append(
+                (
+                    "position",
+                    f"Where is the {name(o)} in the image?",
+                    where.capitalize(),
+                    f"The {name(o)} is in the {where} part of the image."
+                    if where != "center"
+                    else f"The {name(o)} is in the center of the image.",
+                    [
+                        p.capitalize()
+                        for p in (
+                            "top left",
+                            "top",
+                            "top right",
+                            "left",
+                            "center",
+                            "right",
+                            "bottom left",
+                            "bottom",
+                            "bottom right",
+                        )
+                        if p != where
+                    ],
+                )
+            )
+    absent = [
+        f"{c} {k}" if c else k
+        for c in vocab.get("color", [None])
+        for k in vocab.get("category", [])
+        if f"{c} {k}" not in by_name
+    ]
     if absent:
         nm = rng.choice(sorted(absent))
-        facts.append(("existence", f"Is there a {nm} in the image?", "No", f"No, there is no {nm} in the image.", ["Yes"]))
+        facts.append(
+            ("existence", f"Is there a {nm} in the image?", "No", f"No, there is no {nm} in the image.", ["Yes"])
+        )
     nm = rng.choice(sorted(by_name))
-    facts.append(("existence", f"Is there a {nm} in the image?", "Yes", f"Yes, there is {'a' if by_name[nm] == 1 else number(by_name[nm])} {plural(nm, by_name[nm])} in the image.", ["No"]))
+    facts.append(
+        (
+            "existence",
+            f"Is there a {nm} in the image?",
+            "Yes",
+            f"Yes, there is {'a' if by_name[nm] == 1 else number(by_name[nm])} {plural(nm, by_name[nm])} in the image.",
+            ["No"],
+        )
+    )
     rng.shuffle(facts)
     return facts
 
@@ -85,9 +152,11 @@ def describe(objects: list[dict], captions: list[str]) -> str:
     items = [f"{number(n) if n > 1 else 'a'} {plural(nm, n)}" for nm, n in groups.items()]
     listing = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
     parts = [f"The image shows {listing}."]
-    parts += [f"The {name(o)} is located in the {position(o['box'])} of the frame." for o in objects if groups[name(o)] == 1]
+    parts += [
+        f"The {name(o)} is located in the {position(o['box'])} of the frame." for o in objects if groups[name(o)] == 1
+    ]
     if captions:
-        parts.append(f"Its caption reads: \"{captions[0]}\".")
+        parts.append(f'Its caption reads: "{captions[0]}".')
     return " ".join(parts)
 
 
@@ -100,19 +169,31 @@ def reasoning(objects: list[dict]) -> tuple[str, str]:
     """A question that needs comparing objects (size and position), with a step-by-step answer."""
     big = max(objects, key=area)
     if len(objects) == 1:
-        return ("What is the only object in the image, and how much of the frame does it take up?",
-                f"The only object is a {name(big)}. Its box covers about {round(100 * area(big))}% of the image, "
-                f"and it sits in the {position(big['box'])} part of the frame.")
+        return (
+            "What is the only object in the image, and how much of the frame does it take up?",
+            f"The only object is a {name(big)}. Its box covers about {round(100 * area(big))}% of the image, "
+            f"and it sits in the {position(big['box'])} part of the frame.",
+        )
     small = min(objects, key=area)
-    return ("Which object is the largest and which is the smallest? Explain how you can tell.",
-            f"The largest object is the {name(big)}: its box covers about {round(100 * area(big))}% of the image, "
-            f"in the {position(big['box'])}. The smallest is the {name(small)}, about {round(100 * area(small))}%, "
-            f"in the {position(small['box'])}. Comparing the areas of their bounding boxes shows the difference.")
+    return (
+        "Which object is the largest and which is the smallest? Explain how you can tell.",
+        f"The largest object is the {name(big)}: its box covers about {round(100 * area(big))}% of the image, "
+        f"in the {position(big['box'])}. The smallest is the {name(small)}, about {round(100 * area(small))}%, "
+        f"in the {position(small['box'])}. Comparing the areas of their bounding boxes shows the difference.",
+    )
 
 
-def generate(uid: str, kind: str, objects: list[dict], captions: list[str], vocab: dict[str, list[str]],
-             short_suffix: str = SHORT_ANSWER, choice_suffix: str = MULTIPLE_CHOICE, max_turns: int = 4,
-             ask: Iterable[str] | None = None) -> list[dict]:
+def generate(
+    uid: str,
+    kind: str,
+    objects: list[dict],
+    captions: list[str],
+    vocab: dict[str, list[str]],
+    short_suffix: str = SHORT_ANSWER,
+    choice_suffix: str = MULTIPLE_CHOICE,
+    max_turns: int = 4,
+    ask: Iterable[str] | None = None,
+) -> list[dict]:
     """LLaVA turns [{'from': 'human'|'gpt', 'value'}] for one image; `<image>` leads the first human turn.
 
     objects: [{'category', 'color' (optional), 'box' [x1, y1, x2, y2] normalised 0-1}]; vocab: the categories and

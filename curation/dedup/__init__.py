@@ -1,0 +1,1 @@
+"""Deduplication: perceptual hashes and near-duplicate grouping."""
