@@ -102,6 +102,11 @@ def main() -> None:
         present = set(table.column("url").to_pylist())
         positives = {u for u in item if u in present}
         right = sum(u in item and got[u].startswith(f"matches eval item {item[u]} (") for u in got)
+        # baseline side by side: exact-file decontamination (sha256 of the bytes against the eval files')
+        eval_sha = {hashlib.sha256(f.read_bytes()).hexdigest() for f in (tmp / "eval").iterdir()}
+        exact = {
+            u for u, h in zip(table.column("url").to_pylist(), table.column("sha256").to_pylist()) if h in eval_sha
+        }
         recall = {}
         for v in ("original", "exact", "reencode", "resize", "crop"):
             us = [u for u in positives if variant.get(u, "original") == v]
@@ -120,6 +125,11 @@ def main() -> None:
                 4,
             ),
             "recall_by_variant": recall,
+            "sha256_baseline": {
+                "rejected": len(exact),
+                "precision": round(len(exact & positives) / max(1, len(exact)), 4),
+                "recall_all": round(len(positives & exact) / max(1, len(positives)), 4),
+            },
             "prepare_s": round(prepare_s, 3),
             "ms_per_image": round(1000 * process_s / table.num_rows, 3),
             "web_setup_s": round(setup_s, 1),

@@ -378,3 +378,41 @@ def learning(d: list[dict]) -> list[Row]:
             )
         )
     return rows
+
+
+def decontaminate(d: list[dict]) -> list[Row]:
+    """Decontamination against planted copies of a held-out set; baseline: sha256 of the files (exact copies)."""
+    r, b = d[-1], d[-1]["sha256_baseline"]
+    where = f"decontamination, {r['eval_items']} eval items over a {r['n_web']:,}-pair web"
+    by = r["recall_by_variant"]
+    sizes = "; ".join(f"{x['eval_items']:,} items {x['ms_per_image']} ms" for x in r["by_eval_size"])
+    return [
+        Row(
+            15,
+            f"{where}: precision of {r['rejected']} eval_contamination rejects",
+            f"{r['precision']:.3f}",
+            f"{b['precision']:.3f} (sha256)",
+            "",
+            ">= 0.99",
+            r["precision"] >= 0.99,
+        ),
+        Row(
+            15,
+            f"same, recall of eval items and their copies ({r['positives']}; crops {by['crop']})",
+            f"{r['recall_all']:.3f}",
+            f"{b['recall_all']:.3f} (sha256)",
+            "",
+            "",
+            None,
+        ),
+        Row(
+            15,
+            "same, recall without crops (originals, exact, re-encode, resize)",
+            f"{r['recall_without_crop']:.3f}",
+            "",
+            "",
+            ">= 0.95",
+            r["recall_without_crop"] >= 0.95,
+        ),
+        Row(15, f"same, ms per image by eval set size ({sizes})", f"{r['ms_per_image']}", "", "", "", None),
+    ]

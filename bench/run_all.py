@@ -26,6 +26,7 @@ from figures import (
     Row,
     balance,
     build_packed,
+    decontaminate,
     dedup_truth,
     e2e,
     embed,
@@ -84,6 +85,7 @@ BENCHES = [
         semdedup,
         ["--n", "20000", "--dim", "64", "--sample", "2000", "--rows-per-cluster", "500", "--kmeans-sample", "10000"],
     ),
+    Bench("decontaminate", ["--n", "2000", "--held-out", "100"], decontaminate, ["--n", "300", "--sizes", "100"]),
     Bench("learning", [], learning, ["--urls", "100", "--steps", "5"], script="learning.py"),
 ]
 

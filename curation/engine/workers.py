@@ -32,6 +32,12 @@ def init_ray(address: str | None, run_dir: Path) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+# Ray puts its sockets at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store, and a unix socket's
+# path has at most 107 bytes: a deeper temp dir fails at ray.init (pid up to 7 digits, Linux's pid_max).
+_LONGEST_SOCKET = "/session_2026-12-02_15-54-55_219459_4194304/sockets/plasma_store"
+_AF_UNIX_MAX = 107
+
+
 def _init_kwargs(address: str | None, run_dir: Path) -> dict:
     kwargs: dict = {"log_to_driver": False, "include_dashboard": False, "ignore_reinit_error": True}
     address = address or os.environ.get("RAY_ADDRESS")
@@ -39,7 +45,7 @@ def _init_kwargs(address: str | None, run_dir: Path) -> dict:
         kwargs["address"] = address
     else:
         tmp = os.environ.get("RAY_TMPDIR") or str(Path(run_dir).resolve() / "_ray")
-        if len(tmp) > 60:  # Ray's unix socket paths must stay under ~107 characters
+        if len(tmp.encode()) + len(_LONGEST_SOCKET) > _AF_UNIX_MAX:
             tmp = tempfile.mkdtemp(prefix="ray-")
         kwargs["_temp_dir"] = tmp
     return kwargs
