@@ -7,7 +7,8 @@ them at known cosines: half above 1 - eps (duplicates to find), half below (near
 curation.dedup.semantic.semantic_dedup (seeded FAISS k-means on a sample, greedy leaders within each cluster):
 wall seconds split into k-means and pairwise, peak RSS, precision and recall against the planted copies; and, side
 by side on a sample that holds whole planted pairs, the brute-force reference (all pairs, no clusters): its time
-and how many rows get the same decision.
+and how many rows get the same decision. Then the op's global step as it runs at scale (clusters spread over
+tasks of --spread-bucket-mib, curation.dedup.semantic_parts) in a child process: time, peak RSS, agreement.
 """
 
 from __future__ import annotations
@@ -75,38 +76,55 @@ def score(leader: np.ndarray, n_base: int, src: np.ndarray, cos: np.ndarray, eps
     }
 
 
-def op_aggregate(emb: np.ndarray) -> dict:
-    """SemDedup.aggregate on a summary table of these rows (as the engine hands it: one Arrow table, 10,000-row
-    parts), decision files written to a temporary dir: seconds and peak RSS with the table in memory."""
+def spread(emb: np.ndarray, leader: np.ndarray, args) -> dict:
+    """The op's global step as it runs at scale (curation.dedup.semantic_parts): the rows as the engine's analyze
+    phase leaves them (10,000-row part files), decided in a child process that holds only what the steps need
+    (one task after another, as on one core): its seconds, its peak RSS, and agreement with the one-array run."""
+    import subprocess
     import tempfile
 
     import pyarrow as pa
-
-    from curation.ops.semdedup import SemDedup, SemDedupParams
+    import pyarrow.parquet as pq
 
     n, d = emb.shape
-    col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d).cast(pa.list_(pa.float32()))
-    table = pa.table(
-        {
-            "uid": pa.array([f"u{i:08d}" for i in range(n)]),
-            "embedding": col,
-            "pixels": pa.array(np.zeros(n, np.int64)),
-            "part": pa.array([f"part-{i // 10000:05d}" for i in range(n)]),
-        }
-    )
-    del col
-    reset_peak_rss()
-    before = peak_rss_mb()
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        SemDedup(SemDedupParams(), "semdedup", Path(tmp) / "_work").aggregate(table)
-        secs = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="semdedup-") as tmp:
+        files = {}
+        for i, s in enumerate(range(0, n, 10_000)):
+            e = min(n, s + 10_000)
+            col = pa.FixedSizeListArray.from_arrays(pa.array(emb[s:e].reshape(-1)), d).cast(pa.list_(pa.float32()))
+            t = pa.table({"uid": [f"u{j:08d}" for j in range(s, e)], "embedding": col, "pixels": np.zeros(e - s)})
+            files[f"part-{i:05d}"] = str(Path(tmp) / f"part-{i:05d}.parquet")
+            pq.write_table(t, files[f"part-{i:05d}"])
+        job = {"files": files, "out": str(Path(tmp) / "decisions"), "eps": args.eps, "seed": args.seed}
+        job |= {"rows_per_cluster": args.rows_per_cluster, "sample": args.kmeans_sample, "niter": args.niter}
+        job["bucket_bytes"] = args.spread_bucket_mib << 20
+        p = subprocess.run(
+            [sys.executable, __file__, "--spread-child", json.dumps(job)], capture_output=True, text=True, check=True
+        )
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        dec = pa.concat_tables([pq.read_table(f) for f in Path(job["out"]).glob("*/*.parquet")])
+    uid = np.array([int(u[1:]) for u in dec.column("uid").to_pylist()])
+    kept = dec.column("kept_uid").to_pylist()
+    mine = np.array([u if k is None else int(k[1:]) for u, k in zip(uid, kept)])  # uid u{i} is row i
+    want = leader[uid]
     return {
-        "op_seconds": round(secs, 2),
-        "op_peak_rss_mb": round(peak_rss_mb(), 1),
-        "op_rss_before_mb": round(before, 1),
-        "op_table_mb": round(table.nbytes / 2**20, 1),
+        "spread_bucket_mib": args.spread_bucket_mib,
+        "spread_buckets": res["buckets"],
+        "spread_seconds": res["seconds"],
+        "spread_peak_rss_mb": res["peak_rss_mb"],
+        "spread_agree": round(float((mine == want).mean()), 5),
+        "spread_rows": int(uid.size),
     }
+
+
+def spread_child(job: dict) -> None:
+    from curation.dedup.semantic_parts import semantic_dedup_parts
+
+    t0 = time.perf_counter()
+    files = {p: Path(f) for p, f in job.pop("files").items()}
+    out, eps = Path(job.pop("out")), job.pop("eps")
+    info = semantic_dedup_parts(files, out, eps, **job)
+    print(json.dumps({**info, "seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}))
 
 
 def main() -> None:
@@ -121,9 +139,12 @@ def main() -> None:
     ap.add_argument("--niter", type=int, default=20)
     ap.add_argument("--sample", type=int, default=10_000, help="rows of the brute-force side-by-side run")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--op", action="store_true", help="also time the semdedup op's aggregate on the same rows")
+    ap.add_argument("--spread-bucket-mib", type=int, default=256, help="also the spread global step (0: not)")
+    ap.add_argument("--spread-child", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.spread_child:
+        return spread_child(json.loads(args.spread_child))
 
     n_pairs = int(args.n * args.pairs)
     t0 = time.perf_counter()
@@ -184,8 +205,9 @@ def main() -> None:
             brute.leader, base_rows.size, np.searchsorted(rows, src[np.sort(pairs)]), cos[np.sort(pairs)], args.eps
         )["precision"],
     }
-    if args.op:
-        out.update(op_aggregate(emb))
+    if args.spread_bucket_mib:
+        del sub, fast, brute
+        out.update(spread(emb, r.leader, args))
     if args.json:
         print(json.dumps(out))
     else:

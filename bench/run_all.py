@@ -83,7 +83,8 @@ BENCHES = [
         "semdedup",
         ["--n", "1000000", "--dim", "512"],
         semdedup,
-        ["--n", "20000", "--dim", "64", "--sample", "2000", "--rows-per-cluster", "500", "--kmeans-sample", "10000"],
+        ["--n", "20000", "--dim", "64", "--sample", "2000", "--rows-per-cluster", "500", "--kmeans-sample", "10000"]
+        + ["--spread-bucket-mib", "1"],
     ),
     Bench("decontaminate", ["--n", "2000", "--held-out", "100"], decontaminate, ["--n", "300", "--sizes", "100"]),
     Bench("learning", [], learning, ["--urls", "100", "--steps", "5"], script="learning.py"),

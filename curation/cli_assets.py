@@ -126,12 +126,15 @@ def fixtures_web(
         help="web: patterned scenes of 1-4 shapes; simple: 1-3 larger shapes on "
         "white, square (what a tiny vision tower can learn from)",
     ),
+    hostile_captions: bool = typer.Option(
+        False, help="give 5% of the clean images a hostile alt-text (control chars, <image>, invalid UTF-8, spam)"
+    ),
 ):
     """Write a synthetic web: images, captions, duplicates, broken items, urls.parquet and truth.parquet."""
     from curation.fixtures.web import make_web
 
     try:
-        summary = make_web(out, n=n, port=port, seed=seed, scenes=scenes)
+        summary = make_web(out, n=n, port=port, seed=seed, scenes=scenes, hostile_captions=hostile_captions)
     except ValueError as e:
         fail(str(e))
     print(json.dumps(summary, indent=2))

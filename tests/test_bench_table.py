@@ -30,6 +30,8 @@ FIGURES = {  # issue -> figures the issue asked for (a substring of each row's f
         "precision of planted semantic duplicates",
         "recall of planted semantic duplicates",
         "rows with brute force's decision",
+        "global step spread over",
+        "rows the spread step decides",
         "eval_contamination rejects",
         "recall without crops",
     ],

@@ -93,3 +93,34 @@ def test_no_sample_carries_a_second_image_token(tmp_path, kind):
     if kind == "caption":
         assert rej.column("reason").to_pylist() == ["image_token_in_text"] * 3
         assert "2 <image> tokens" in rej.column("detail")[0].as_py()
+
+
+def test_hostile_captions_through_the_whole_dag(ray_session, demo_assets, tmp_path):
+    """A fixture web with every hostile alt-text of words.HOSTILE, through the demo DAG: each is rejected by filter
+    with its reason, none reaches a later stage, and no training sample holds more than its one `<image>`."""
+    import polars as pl
+
+    from curation.engine.config import load_pipeline
+    from curation.engine.driver import run_pipeline
+    from curation.fixtures.demo import synth_stages
+    from curation.fixtures.serve import WebServer, free_port
+    from curation.fixtures.web import make_web
+    from curation.fixtures.words import HOSTILE
+    from tests.conftest import ROOT, stage_rows, web_overrides
+
+    web, run = tmp_path / "web", tmp_path / "run"
+    make_web(web, n=60, port=free_port(), seed=5, hostile_captions=True)
+    with WebServer(web):
+        run_pipeline(load_pipeline(ROOT / "curation/pipelines/demo.yaml", [*web_overrides(web), *demo_assets]), run)
+    truth = pl.read_parquet(web / "truth.parquet").filter(pl.col("caption_kind").str.starts_with("hostile_"))
+    want = {u: HOSTILE[k.removeprefix("hostile_")][1] for u, k in zip(truth["url"], truth["caption_kind"])}
+    assert len(want) >= len(HOSTILE)
+    rejects = stage_rows(run, "filter", rejects=True)
+    got = dict(zip(rejects["url"], rejects["reason"]))
+    assert {u: got.get(u) for u in want} == want
+    for stage in ["embed", *synth_stages(ROOT / "curation/pipelines/demo.yaml")]:
+        rows = stage_rows(run, stage, also=("url",))
+        assert rows.height and not set(rows["url"]) & set(want), stage
+        if "conversations" in rows.columns:
+            for conv in rows["conversations"].to_list():
+                assert image_slots(conv) is None, (stage, conv)

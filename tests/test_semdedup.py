@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from curation.dedup.semantic import brute_force_semantic, semantic_dedup
+from curation.dedup.semantic_parts import semantic_dedup_parts
 from curation.ops.semdedup import SemDedup, SemDedupParams
 from tests.conftest import stage_rows
 
@@ -80,9 +82,17 @@ def _parts(emb: np.ndarray, size: int, pixels=None) -> list[tuple[str, pa.Table]
     return [(f"part-{i:05d}", t.slice(s, size)) for i, s in enumerate(range(0, t.num_rows, size))]
 
 
+def _analyses(op: SemDedup, parts, folder) -> dict:
+    """Each part's summary file, as the engine's analyze phase writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for p, t in parts:
+        pq.write_table(op.analyze(t), folder / f"{p}.parquet")
+    return {p: folder / f"{p}.parquet" for p, _ in parts}
+
+
 def _decide(tmp_path, parts, **params) -> tuple[dict, pa.Table]:
     op = SemDedup(SemDedupParams(**params), "semdedup", tmp_path / "_work")
-    op.aggregate(pa.concat_tables([op.analyze(t).append_column("part", pa.array([p] * t.num_rows)) for p, t in parts]))
+    op.aggregate_files(_analyses(op, parts, tmp_path / "analysis"))
     outs, rejs = zip(*(op.process(p, t) for p, t in parts))
     out, rej = pa.concat_tables(outs), pa.concat_tables(rejs)
     assert out.num_rows + rej.num_rows == sum(t.num_rows for _, t in parts)
@@ -109,6 +119,36 @@ def test_op_decides_the_same_on_any_partitioning_and_keeps_the_bigger_image(tmp_
         "p9", _parts(emb, 1)[0][1].slice(0, 0)
     )
     assert empty_out.num_rows == empty_rej.num_rows == 0
+
+
+def test_clusters_spread_over_tasks_decide_as_one_array(tmp_path):
+    """The global step in buckets of clusters (no task holds every embedding) gives the one-array decisions."""
+    emb, _, inside = _planted(n=900, n_dup=150, seed=6)
+    perm = np.random.default_rng(7).permutation(emb.shape[0])
+    pixels = np.random.default_rng(8).integers(1, 4, emb.shape[0]) * 100  # ties broken by uid
+    parts = _parts(emb[perm], 111, pixels)
+    op = SemDedup(SemDedupParams(), "semdedup", tmp_path / "_work")
+    files = _analyses(op, parts, tmp_path / "analysis")
+    bucket_sizes = [emb.nbytes * 2, emb.nbytes // 10]  # one bucket; a bucket per cluster
+    got = []
+    for i, bucket_bytes in enumerate(bucket_sizes):
+        out = tmp_path / f"dec{i}"
+        info = semantic_dedup_parts(files, out, 0.01, n_clusters=6, seed=3, bucket_bytes=bucket_bytes)
+        assert info == {"rows": emb.shape[0], "clusters": 6, "buckets": 1 if i == 0 else 6}
+        assert not (tmp_path / f"dec{i}.spill").exists()  # the spilled embeddings are gone once decided
+        dec = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("*/*.parquet"))]).sort_by("uid")
+        got.append(dec)
+    assert got[0].equals(got[1])
+    # the library on the whole array, rows in priority order (most pixels, then smallest uid)
+    table = pa.concat_tables([t for _, t in parts])
+    order = np.lexsort((np.array(table.column("uid").to_pylist()), -table.column("original_width").to_numpy()))
+    vecs = np.stack(table.column("image_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    ref = semantic_dedup(vecs, 0.01, n_clusters=6, seed=3, priority=order)
+    uid = np.array(table.column("uid").to_pylist(), dtype=object)
+    want = dict(zip(uid[~ref.kept], uid[ref.leader[~ref.kept]]))
+    dec = got[0]
+    mine = {u: k for u, k in zip(dec.column("uid").to_pylist(), dec.column("kept_uid").to_pylist()) if k}
+    assert mine == want and len(mine) == inside.sum()
 
 
 @pytest.fixture(scope="module")

@@ -58,21 +58,43 @@ def kmeans_assign(
     in `priority` order, so the same rows in another order train the same centroids), then every row assigned
     to its nearest centroid in batches of `batch` rows."""
     emb = _as_embeddings(emb)
-    n, d = emb.shape
+    n = emb.shape[0]
     if k <= 1 or n <= 1:
         return np.zeros(n, dtype=np.int64)
-    import faiss
-
-    rng = np.random.default_rng(seed)
-    idx = np.sort(rng.choice(n, size=min(n, max(sample, k)), replace=False))
+    idx = sample_rows(n, k, sample, seed)
     if priority is not None:
         idx = np.asarray(priority, dtype=np.int64)[idx]
+    return assign(emb, train_centroids(emb[idx], k, seed=seed, niter=niter), batch=batch)
+
+
+def sample_rows(n: int, k: int, sample: int, seed: int) -> np.ndarray:
+    """Positions (in priority order) of the rows the k-means trains on: a seeded sample, ascending."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(n, max(sample, k)), replace=False))
+
+
+def train_centroids(train: np.ndarray, k: int, *, seed: int = 0, niter: int = 20) -> np.ndarray:
+    """Spherical k-means centroids [k, D] (FAISS) of the training rows."""
+    import faiss
+
+    train = _as_embeddings(train)
+    d = train.shape[1]  # max_points_per_centroid: train on every sampled row
     km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True, verbose=False, max_points_per_centroid=1 << 30)
-    km.train(emb[idx])
-    labels = np.empty(n, dtype=np.int64)
-    for s in range(0, n, batch):
-        _, lab = km.index.search(emb[s : s + batch], 1)
-        labels[s : s + batch] = lab[:, 0]
+    km.train(train)
+    return km.centroids
+
+
+def assign(emb: np.ndarray, centroids: np.ndarray | None, batch: int = 65536) -> np.ndarray:
+    """Each row's nearest centroid by inner product (what spherical k-means assigns by); all 0 without centroids."""
+    emb = _as_embeddings(emb)
+    if centroids is None or len(centroids) <= 1:
+        return np.zeros(emb.shape[0], dtype=np.int64)
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    labels = np.empty(emb.shape[0], dtype=np.int64)
+    for s in range(0, emb.shape[0], batch):
+        labels[s : s + batch] = index.search(emb[s : s + batch], 1)[1][:, 0]
     return labels
 
 

@@ -133,23 +133,19 @@ def prepare(stage: Stage, run_dir: Path) -> list[str]:
 
 def aggregate(stage: Stage, run_dir: Path, parts: list[str]) -> list[str]:
     """Run the op's global step as one Ray task: it reads every part's summary and writes what `process` reads.
-    The driver holds nothing per row; the task holds the summaries (rows of a few numbers each)."""
+    The driver holds nothing per row; the task holds the summaries (rows of a few numbers each), or spreads the
+    work over tasks of its own (semdedup)."""
 
     def _aggregate() -> str:
         try:
             sd = StageDir(Path(run_dir), stage.name)
-            summaries = [_with_part(pq.read_table(sd.analysis(p)), p) for p in parts]
-            build_op(stage, str(run_dir)).aggregate(pa.concat_tables(summaries) if summaries else None)
+            build_op(stage, str(run_dir)).aggregate_files({p: sd.analysis(p) for p in parts})
             return ""
         except Exception as e:
             return storage_error(e) or traceback.format_exc()
 
     error = ray.get(ray.remote(_aggregate).options(num_cpus=stage.resources.num_cpus).remote())
     return [f"aggregate:\n{error}"] if error else []
-
-
-def _with_part(table: pa.Table, part: str) -> pa.Table:
-    return table.append_column("part", pa.array([part] * table.num_rows, pa.string()))
 
 
 STEPS = {"analyze": _analyze, "process": _process, "retry": _retry}  # what a worker does for one part

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from schemas import Row
@@ -129,6 +130,15 @@ class Op(ABC):
     def aggregate(self, summaries: pa.Table | None) -> None:
         """Compute the global state from all parts' summaries (plus a `part` column) and write it under self.work."""
         raise TypeError(f"op {self.name} has no global step")
+
+    def aggregate_files(self, analyses: dict[str, Path]) -> None:
+        """The global step as the engine calls it, with each part's summary file: by default `aggregate` on all of
+        them in one table; an op whose summaries do not fit one task reads the files itself."""
+        tables = []
+        for part, f in analyses.items():
+            t = pq.read_table(f)
+            tables.append(t.append_column("part", pa.array([part] * t.num_rows, pa.string())))
+        self.aggregate(pa.concat_tables(tables) if tables else None)
 
     # the map step
     @abstractmethod

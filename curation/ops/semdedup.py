@@ -8,14 +8,17 @@ clusters with seeded FAISS k-means trained on a bounded sample, and within each 
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import ClassVar
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from curation.dedup.semantic import semantic_dedup
-from curation.engine.store import empty_rejects, make_rejects, write_per_part
+from curation.dedup.semantic_parts import semantic_dedup_parts
+from curation.engine.store import atomic_write_json, empty_rejects, make_rejects
 from curation.ops.base import Op, Params
 from schemas import SemDeduped, arrow_schema
 
@@ -31,6 +34,10 @@ class SemDedupParams(Params):
     sample: int = Field(65536, ge=1, description="rows the k-means is trained on (a seeded random sample)")
     niter: int = Field(20, ge=1, description="k-means iterations")
     seed: int = Field(0, description="seed of the sample and the k-means")
+    bucket_mib: int = Field(
+        1024, ge=1, description="embeddings one pairwise task holds: clusters are spread over bytes / bucket_mib tasks"
+    )
+    ADDED_LATER: ClassVar[dict] = {"bucket_mib": 1024}  # how the work is spread, not what is decided
 
 
 class SemDedup(Op):
@@ -57,48 +64,27 @@ class SemDedup(Op):
             pixels = pa.array(np.zeros(table.num_rows, np.int64))
         return pa.table({"uid": table.column("uid"), "embedding": table.column("image_embedding"), "pixels": pixels})
 
-    def aggregate(self, summaries: pa.Table | None) -> None:
-        """One decision file per part: uid, cluster, kept uid (null when kept), cosine, group size."""
-        if summaries is None or summaries.num_rows == 0:
-            return
-        col = summaries.column("embedding")
-        lengths = pc.list_value_length(col)
-        d = pc.min_max(lengths)["min"].as_py()
-        if col.null_count or d != pc.min_max(lengths)["max"].as_py():
-            raise ValueError("semdedup: null image embeddings, or of different lengths, in the input")
-        # one copy of the embeddings, in the parts' order; the priority order is an index (no second copy)
-        emb = np.concatenate([c.flatten().to_numpy(zero_copy_only=False) for c in col.chunks]).reshape(-1, d)
-        priority = pc.sort_indices(summaries, sort_keys=[("pixels", "descending"), ("uid", "ascending")])
+    def aggregate_files(self, analyses: dict[str, Path]) -> None:
+        """Decision files per part (uid, kept uid (null when kept), cosine, cluster, group size), the clusters spread
+        over tasks (curation.dedup.semantic_parts): no task holds every embedding."""
         p = self.params
-        r = semantic_dedup(
-            emb.astype(np.float32, copy=False),
+        summary = semantic_dedup_parts(
+            analyses,
+            self.work / "decisions",
             p.eps,
             n_clusters=p.n_clusters,
             rows_per_cluster=p.rows_per_cluster,
             sample=p.sample,
             seed=p.seed,
             niter=p.niter,
-            priority=priority.to_numpy(),
+            bucket_bytes=p.bucket_mib << 20,
         )
-        del emb
-        uid = np.array(summaries.column("uid").to_pylist(), dtype=object)
-        kept = r.kept
-        decisions = pa.table(
-            {
-                "uid": pa.array(uid.tolist(), pa.string()),
-                "kept_uid": pa.array(np.where(kept, None, uid[r.leader]).tolist(), pa.string()),
-                "cosine": pa.array(r.cosine, pa.float32()),
-                "sem_cluster": pa.array(r.cluster, pa.int32()),
-                "sem_dup_count": pa.array(r.dup_count(), pa.int32()),
-                "part": summaries.column("part"),
-            }
-        )
-        write_per_part(decisions, self.work / "decisions")
+        atomic_write_json(self.work / "aggregate.json", summary)
 
     def process(self, part: str, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         if table.num_rows == 0:  # aggregate wrote no decision file for an empty part
             return arrow_schema(SemDeduped).empty_table(), empty_rejects()
-        dec = pq.read_table(self.work / "decisions" / f"{part}.parquet")
+        dec = pa.concat_tables([pq.read_table(f) for f in sorted((self.work / "decisions" / part).glob("*.parquet"))])
         t = table.select([c for c in ("uid", "url", "caption") if c in table.column_names])
         t = t.join(dec, "uid").sort_by("uid")
         keep = pc.is_null(t.column("kept_uid"))
