@@ -201,6 +201,8 @@ def test_stage_rejects_semantic_duplicates_with_the_kept_uid(runs):
     copies = by_sha.group_by("sha256").agg(pl.len().alias("n"), pl.col("kept").sum().alias("kept"))
     assert (copies.filter(pl.col("n") > 1)["kept"] <= 1).all() and copies.filter(pl.col("n") > 1).height > 0
     assert out["sem_dup_count"].sum() == c["in"]
+    work = run / "semdedup" / "_work"  # the analyze phase's copies of the embeddings are gone once decided
+    assert not list((work / "analyze").glob("*.parquet")) and (work / "clusters.json").is_file()
 
 
 def test_stage_decides_the_same_with_another_part_size(runs):

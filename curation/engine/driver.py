@@ -115,6 +115,8 @@ class StageRun:
         if errors := aggregate(self.stage, self.run_dir, self.parts):
             return errors
         atomic_write_json(self.sd.aggregate_path, {"parts": len(self.parts)})
+        for part in self.parts:  # the summaries are scratch (semdedup's hold the embeddings): no longer read
+            self.sd.analysis(part).unlink(missing_ok=True)
         return []
 
     def process(self) -> list[str]:

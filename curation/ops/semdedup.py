@@ -79,7 +79,7 @@ class SemDedup(Op):
             niter=p.niter,
             bucket_bytes=p.bucket_mib << 20,
         )
-        atomic_write_json(self.work / "aggregate.json", summary)
+        atomic_write_json(self.work / "clusters.json", summary)  # rows, clusters, buckets
 
     def process(self, part: str, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         if table.num_rows == 0:  # aggregate wrote no decision file for an empty part
