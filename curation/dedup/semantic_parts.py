@@ -68,6 +68,7 @@ def semantic_dedup_parts(
     buckets = int(min(k, max(1, -(-n * d * 4 // bucket_bytes))))
     spill = out.parent / f"{out.name}.spill"
     shutil.rmtree(spill, ignore_errors=True)
+    centroids = _shared(centroids)  # one copy in Ray's object store, not one per task
     _map(
         _spill_part,
         [(p, files[p], rank[offsets[i] : offsets[i + 1]], centroids, buckets, spill, d) for i, p in enumerate(parts)],
@@ -86,6 +87,13 @@ def _map(fn: Callable, calls: list[tuple]) -> list:
         return [fn(*c) for c in calls]
     remote = ray.remote(num_cpus=1)(fn)
     return ray.get([remote.remote(*c) for c in calls])
+
+
+def _shared(value):
+    """A value every task reads: put in Ray's object store once when Ray is up (a task gets it back resolved)."""
+    import ray
+
+    return ray.put(value) if ray.is_initialized() and value is not None else value
 
 
 def _embeddings(path: Path, d: int | None = None) -> np.ndarray:
