@@ -26,6 +26,7 @@ from figures import (
     Row,
     balance,
     build_packed,
+    concepts,
     decontaminate,
     dedup_truth,
     e2e,
@@ -88,6 +89,7 @@ BENCHES = [
     ),
     Bench("decontaminate", ["--n", "2000", "--held-out", "100"], decontaminate, ["--n", "300", "--sizes", "100"]),
     Bench("learning", [], learning, ["--urls", "100", "--steps", "5"], script="learning.py"),
+    Bench("concepts", ["--n", "6000", "--steps", "600"], concepts, ["--n", "60", "--steps", "2"]),
 ]
 
 

@@ -153,6 +153,11 @@ def demo(
     out: Path = typer.Option(Path("demo"), help="where the fixture web and the run go"),
     n: int = typer.Option(400, help="URLs in the fixture web"),
     pipeline: Path = typer.Option(Path("pipelines/demo.yaml"), help="a pipeline file or a packaged one's name"),
+    scenes: str = typer.Option(
+        "longtail",
+        help="the fixture web: longtail (colour x shape concepts on a Zipf law; the CLIP trained here, cached) or "
+        "web / simple (uniform concepts; a random tiny CLIP)",
+    ),
 ):
     """Make the fixture web, serve it on 127.0.0.1, run the demo pipeline, print the run dir."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local demo: Ray on loopback only
@@ -161,7 +166,10 @@ def demo(
     from curation.fixtures.web import make_web
 
     web = out / "web"
-    make_web(web, n=n, port=free_port(), seed=0)
+    try:
+        make_web(web, n=n, port=free_port(), seed=0, scenes=scenes)
+    except ValueError as e:
+        fail(str(e))
     overrides = demo_overrides(out, web, pipeline)
     with WebServer(web):
         run_dir = execute(pipeline, out / "run", None, overrides)

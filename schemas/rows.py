@@ -11,6 +11,7 @@ from schemas.arrow import ArrowType
 
 Float32List = Annotated[list[float], ArrowType(pa.list_(pa.float32()))]
 Int32 = Annotated[int, ArrowType(pa.int32())]
+Float32 = Annotated[float, ArrowType(pa.float32())]
 
 
 class Row(BaseModel):
@@ -78,6 +79,14 @@ class Decontaminated(Row):
     and, where embeddings were compared, no cosine at or over min_cosine."""
 
     uid: str
+
+
+class ClipScored(Row):
+    """An image whose alt-text fits it: the CLIP score (image-caption cosine) passed the threshold (clip_score
+    output, DataComp's CLIP score filter)."""
+
+    uid: str
+    clip_score: Float32 = Field(description="cosine of embed's image and caption embeddings")
 
 
 class Filtered(Row):
@@ -212,6 +221,7 @@ TABLES: dict[str, type[Row]] = {
         Deduped,
         SemDeduped,
         Decontaminated,
+        ClipScored,
         Filtered,
         Balanced,
         Reject,

@@ -35,6 +35,14 @@ FIGURES = {  # issue -> figures the issue asked for (a substring of each row's f
         "eval_contamination rejects",
         "recall without crops",
     ],
+    16: [
+        "zero-shot accuracy",
+        "feature top-5 recall",
+        "planted mismatched captions",
+        "ROC AUC of the clip score",
+        "balance inverse frequency trained",
+        "balance metaclip trained",
+    ],
 }
 
 

@@ -239,3 +239,59 @@ def test_real_photos_are_bundled(monkeypatch):
     names = [name for name, _, _ in photos]
     assert {"astronaut", "chelsea", "coffee", "rocket"} <= set(names) and len(photos) >= 6
     assert all(im.mode == "RGB" and min(im.size) >= 256 and len(cap) > 20 for _, im, cap in photos)
+
+
+# Digests of make_web(n=60, seed=0) made before the long-tailed option existed (issue 16): the default and simple
+# webs must stay byte-identical (file names and bytes, urls.parquet and truth.parquet included; pyarrow is pinned).
+WEB_DIGESTS = {
+    "web": "05b84549a14b95935f7fd33e1e5153f8a7c039a31d1c93408ed9afdbb6c83405",
+    "simple": "33baee7eed5b8c3fc73b8de75b939a306202e8e6a65dc0435f2113b919dd7bcd",
+}
+
+
+@pytest.mark.parametrize("scenes", sorted(WEB_DIGESTS))
+def test_default_webs_are_byte_identical(tmp_path, scenes):
+    import hashlib
+
+    make_web(tmp_path, 60, 8000, seed=0, scenes=scenes)
+    h = hashlib.sha256()
+    for f in sorted(p for p in tmp_path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(tmp_path)).encode())
+        h.update(f.read_bytes())
+    assert h.hexdigest() == WEB_DIGESTS[scenes]
+
+
+def test_longtail_web(tmp_path):
+    """scenes='longtail': simple scenes whose colour x shape compounds follow a Zipf law (head >= 100x tail), clean
+    captions naming what is drawn, 5% of them mismatched (another image's alt-text, no concept shared), truth kept."""
+    from curation.fixtures.web import COMPOUNDS, MISMATCHED_SHARE, true_concepts
+
+    summary = make_web(tmp_path, 3000, 8000, seed=5, scenes="longtail")
+    assert summary["scenes"] == "longtail" and summary["caption_kinds"]["mismatched"] > 0
+    caption = dict(zip(*pq.read_table(tmp_path / "urls.parquet").to_pydict().values()))
+    truth = [{**r, "caption": caption[r["url"]]} for r in pq.read_table(tmp_path / "truth.parquet").to_pylist()]
+    counts = Counter(c for r in truth if r["kind"] == "ok" for c in true_concepts(r["objects"]))
+    names = {f"{c} {s}" for c, s in COMPOUNDS}
+    assert len(names) == 72 and set(counts) <= names and len(counts) >= 60
+    ranked = [counts[f"{c} {s}"] for c, s in COMPOUNDS]  # in rank order
+    assert ranked[0] >= 100 * max(1, min(ranked[-5:])), ranked
+    assert sum(ranked[:7]) > 0.4 * sum(ranked)  # the head holds most objects
+    originals = [r for r in truth if r["kind"] == "ok"]
+    clean = [r for r in originals if r["caption_kind"] == "clean"]
+    for r in clean[:300]:
+        for concept in true_concepts(r["objects"]):  # 'a red circle', 'two red circles'
+            assert concept in r["caption"], (concept, r["caption"])
+    by_caption = {}
+    for r in clean:
+        by_caption.setdefault(r["caption"], []).append(r)
+    mismatched = [r for r in originals if r["caption_kind"] == "mismatched"]
+    copied = {r["source_url"] for r in truth} - {None}  # duplicates' sources keep their own alt-text
+    fit = [r for r in mismatched + clean if r["url"] not in copied]
+    assert not copied & {r["url"] for r in mismatched}
+    assert abs(len(mismatched) / len(fit) - MISMATCHED_SHARE) < 0.005, len(mismatched) / len(fit)
+    for r in mismatched:
+        donors = by_caption[r["caption"]]  # the alt-text is a clean image's own
+        assert all(set(true_concepts(d["objects"])).isdisjoint(true_concepts(r["objects"])) for d in donors)
+    assert {Image.open(local(SimpleNamespace(root=tmp_path), r["url"])).size[0] for r in clean[:50]} == {
+        r["width"] for r in clean[:50]
+    }

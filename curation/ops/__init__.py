@@ -2,6 +2,7 @@
 
 from curation.ops.balance import Balance
 from curation.ops.base import Op
+from curation.ops.clip_score import ClipScore
 from curation.ops.decontaminate import Decontaminate
 from curation.ops.dedup import Dedup
 from curation.ops.embed import Embed
@@ -14,5 +15,17 @@ from curation.ops.semdedup import SemDedup
 
 OPS: dict[str, type[Op]] = {
     op.name: op
-    for op in (Ingest, Dedup, Filter, Embed, SemDedup, Decontaminate, MatchConcepts, Balance, Recaption, Instruct)
+    for op in (
+        Ingest,
+        Dedup,
+        Filter,
+        Embed,
+        SemDedup,
+        Decontaminate,
+        ClipScore,
+        MatchConcepts,
+        Balance,
+        Recaption,
+        Instruct,
+    )
 }

@@ -1,0 +1,157 @@
+"""Concept matching and balancing judged against a long-tailed fixture web's truth (`make_web(scenes="longtail")`):
+the compound concepts (colour x shape) drawn in each image are in truth.parquet.
+
+Matching: for each image with drawn concepts, precision and recall of its matched vocabulary entries (the first K,
+and all of them) against the drawn compounds' names. Balancing: the share of each true compound among the objects
+of the pool and of a selection, the tail's and the head's shares, the entropy of the distribution, and each figure
+beside a uniform random selection of the same size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from curation.concepts.sampling import gini, uniforms
+from curation.fixtures.web import true_concepts
+
+
+def image_concepts(run_dir: Path, truth: Path, source: str = "ingest") -> pl.DataFrame:
+    """uid -> the compounds drawn in the image (`concepts`, a sorted list) and its `caption_kind` ("mismatched":
+    the alt-text of another image), for every row the source stage wrote."""
+    t = pl.read_parquet(truth, columns=["url", "objects", "caption_kind"])
+    t = t.with_columns(concepts=pl.Series([true_concepts(o) for o in t["objects"].to_list()], dtype=pl.List(pl.String)))
+    uids = pl.read_parquet(Path(run_dir) / source / "part-*.parquet", columns=["uid", "url"])
+    return uids.join(t.select("url", "concepts", "caption_kind"), on="url", how="left").drop("url")
+
+
+def _stage_rows(run_dir: Path, stage: str, columns: list[str]) -> pl.DataFrame:
+    return pl.read_parquet(Path(run_dir) / stage / "part-*.parquet", columns=columns)
+
+
+def judge_matching(run_dir: Path, stage: str, truth: Path, vocab: Path, k: int = 5) -> dict:
+    """Precision and recall of a match_concepts stage's entries against the drawn compounds, over the images with
+    at least one drawn compound: @k (the first k entries: feature matches, best first) and over all entries."""
+    texts = pl.read_parquet(vocab, columns=["id", "text"])
+    names = dict(zip(texts["id"].to_list(), texts["text"].to_list()))
+    rows = _stage_rows(run_dir, stage, ["uid", "concept_ids"]).join(
+        image_concepts(run_dir, truth), on="uid", how="inner"
+    )
+    p_k, r_k, p_all, r_all = [], [], [], []
+    for ids, drawn in zip(rows["concept_ids"].to_list(), rows["concepts"].to_list()):
+        if not drawn:
+            continue
+        drawn = set(drawn)
+        got = [names[i] for i in ids]
+        top = got[:k]
+        hits_k, hits_all = len(drawn & set(top)), len(drawn & set(got))
+        p_k.append(hits_k / k)
+        r_k.append(hits_k / len(drawn))
+        p_all.append(hits_all / len(got) if got else 0.0)
+        r_all.append(hits_all / len(drawn))
+    n = len(r_k)
+    mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
+    return {
+        "images": n,
+        "k": k,
+        f"precision@{k}": mean(p_k),
+        f"recall@{k}": mean(r_k),
+        "precision_all": mean(p_all),
+        "recall_all": mean(r_all),
+        "entries_per_image": float(rows["concept_ids"].list.len().mean() or 0.0),
+    }
+
+
+def _objects(table: pl.DataFrame) -> pl.DataFrame:
+    """One row per (image, drawn compound)."""
+    return table.select("uid", "concepts").explode("concepts").drop_nulls("concepts").rename({"concepts": "concept"})
+
+
+def concept_shares(
+    pool: pl.DataFrame, kept_uids: list[str] | set[str], head: int = 7, tail_fraction: float = 0.5
+) -> dict:
+    """Figures of a selection (`kept_uids`) of a pool (uid, concepts): tail and head shares before and after,
+    tail retention, normalised entropy and Gini of the compound distribution. Head: the `head` most frequent
+    compounds of the pool; tail: its least frequent `tail_fraction` of the compounds present."""
+    objs = _objects(pool)
+    counts = objs.group_by("concept").agg(pool=pl.len())
+    kept = objs.filter(pl.col("uid").is_in(list(kept_uids))).group_by("concept").agg(kept=pl.len())
+    c = counts.join(kept, on="concept", how="left").fill_null(0).sort(["pool", "concept"], descending=[True, False])
+    n_tail = max(1, round(tail_fraction * c.height))
+    head_names = set(c["concept"][:head].to_list())
+    tail_names = set(c["concept"][-n_tail:].to_list())
+    pool_n, kept_n = int(c["pool"].sum()), int(c["kept"].sum())
+
+    def share(col: str, names: set[str], total: int) -> float:
+        return float(c.filter(pl.col("concept").is_in(list(names)))[col].sum()) / total if total else 0.0
+
+    def entropy(col: str) -> float:
+        p = c[col].to_numpy().astype(np.float64)
+        p = p[p > 0] / p.sum() if p.sum() else p[:0]
+        return float(-(p * np.log(p)).sum() / math.log(c.height)) if c.height > 1 and len(p) else 0.0
+
+    tail_pool = c.filter(pl.col("concept").is_in(list(tail_names)))
+    return {
+        "images": len(set(kept_uids) & set(pool["uid"].to_list())),
+        "concepts": c.height,
+        "head_over_tail": float(c["pool"][0] / max(1, c["pool"][-1])),
+        "tail_share_pool": share("pool", tail_names, pool_n),
+        "tail_share": share("kept", tail_names, kept_n),
+        "head_share_pool": share("pool", head_names, pool_n),
+        "head_share": share("kept", head_names, kept_n),
+        "tail_retention": float(tail_pool["kept"].sum() / max(1, tail_pool["pool"].sum())),
+        "head_retention": float(
+            c.filter(pl.col("concept").is_in(list(head_names)))["kept"].sum()
+            / max(1, c.filter(pl.col("concept").is_in(list(head_names)))["pool"].sum())
+        ),
+        "concepts_kept": int((c["kept"] > 0).sum()),
+        "entropy_pool": entropy("pool"),
+        "entropy": entropy("kept"),
+        "gini_pool": gini(c["pool"].to_numpy()),
+        "gini": gini(c["kept"].to_numpy()),
+    }
+
+
+def random_selection(uids: list[str], size: int, seed: int = 0) -> set[str]:
+    """A uniform random selection of `size` uids, by a seeded hash of each uid (the same whatever the order)."""
+    u = uniforms(uids, seed)
+    return {uids[i] for i in np.argsort(u, kind="stable")[:size]}
+
+
+def judge_balance(
+    run_dir: Path, pool_stage: str, kept_stage: str, truth: Path, seed: int = 0, **shares_kw
+) -> dict[str, dict]:
+    """A balance stage's selection and a uniform random one of the same size, from the same pool (the rows of
+    `pool_stage`, e.g. the balance stage's input), each judged by `concept_shares`."""
+    pool_uids = _stage_rows(run_dir, pool_stage, ["uid"])
+    pool = pool_uids.join(image_concepts(run_dir, truth), on="uid", how="left")
+    kept = set(_stage_rows(run_dir, kept_stage, ["uid"])["uid"].to_list())
+    rnd = random_selection(pool["uid"].to_list(), len(kept), seed)
+    return {"balanced": concept_shares(pool, kept, **shares_kw), "random": concept_shares(pool, rnd, **shares_kw)}
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a random positive scores lower than a random negative (ties half);
+    positives here are the rows a filter should drop, so a useful score ranks them low."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    ranks = pl.Series(-scores).rank("average").to_numpy()  # 1 = highest score
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def judge_drops(uids: list[str], dropped: set[str], planted: set[str]) -> dict:
+    """Precision and recall of a filter's drops among `uids` against the planted bad rows."""
+    planted, dropped = planted & set(uids), dropped & set(uids)
+    hit = len(planted & dropped)
+    return {
+        "rows": len(uids),
+        "planted": len(planted),
+        "dropped": len(dropped),
+        "precision": hit / len(dropped) if dropped else 1.0,
+        "recall": hit / len(planted) if planted else 1.0,
+    }
