@@ -94,7 +94,7 @@ def zero_shot_figures(web: Path, model: str, ckpt: Path) -> dict:
 
     from curation.concepts.clip import load_clip
     from curation.concepts.train_clip import zero_shot
-    from curation.fixtures.web import COMPOUNDS, concept_name, true_concepts
+    from curation.fixtures.scenes import COMPOUNDS, concept_name, true_concepts
 
     rows = [r for r in pq.read_table(web / "truth.parquet").to_pylist() if r["kind"] == "ok" and r["objects"]]
     one = [r for r in rows if len(true_concepts(r["objects"])) == 1]
@@ -117,7 +117,7 @@ def bench_vocab(out: Path, web: Path) -> Path:
 
     from curation.concepts.vocab import build_vocab, write_vocab
     from curation.fixtures.demo import DEMO_VOCAB
-    from curation.fixtures.web import COMPOUNDS, concept_name
+    from curation.fixtures.scenes import COMPOUNDS, concept_name
 
     titles = out / "compounds.txt"
     titles.write_text("".join(concept_name(c, s) + "\n" for c, s in COMPOUNDS))

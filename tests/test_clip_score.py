@@ -24,8 +24,9 @@ MODEL = "ViT-B-32/abc123@fp32"
 
 
 def _pairs(scores, seed=0, shared=True, dim=D) -> tuple[np.ndarray, np.ndarray]:
-    """Unit image and text vectors whose cosine is each of `scores` (None: a placeholder). `shared`: every row in the
-    same plane, so that equal scores are equal vectors (exact ties); else random directions per row."""
+    """Unit image and text vectors whose cosine is each of `scores` (None: a row without a caption, its vectors
+    unused). `shared`: every row in the same plane, so that equal scores are equal vectors (exact ties); else random
+    directions per row."""
     rng = np.random.default_rng(seed)
     n = len(scores)
     u = rng.standard_normal((1 if shared else n, dim))

@@ -23,8 +23,9 @@ import pytest
 from PIL import Image, UnidentifiedImageError
 
 from curation.fixtures.photos import real_photos
+from curation.fixtures.scenes import _overlap
 from curation.fixtures.serve import WebServer, free_port
-from curation.fixtures.web import BROKEN_VARIANTS, NEAR_VARIANTS, TRUTH_SCHEMA, URLS_SCHEMA, _overlap, make_web
+from curation.fixtures.web import BROKEN_VARIANTS, NEAR_VARIANTS, TRUTH_SCHEMA, URLS_SCHEMA, make_web
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore proxy settings
 CAPTION_KINDS = {"clean", "short", "boilerplate", "missing", "long", "non_english"}
@@ -264,7 +265,8 @@ def test_default_webs_are_byte_identical(tmp_path, scenes):
 def test_longtail_web(tmp_path):
     """scenes='longtail': simple scenes whose colour x shape compounds follow a Zipf law (head >= 100x tail), clean
     captions naming what is drawn, 5% of them mismatched (another image's alt-text, no concept shared), truth kept."""
-    from curation.fixtures.web import COMPOUNDS, MISMATCHED_SHARE, true_concepts
+    from curation.fixtures.scenes import COMPOUNDS, true_concepts
+    from curation.fixtures.web import MISMATCHED_SHARE
 
     summary = make_web(tmp_path, 3000, 8000, seed=5, scenes="longtail")
     assert summary["scenes"] == "longtail" and summary["caption_kinds"]["mismatched"] > 0

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from curation.concepts.sampling import gini, uniforms
-from curation.fixtures.web import true_concepts
+from curation.fixtures.scenes import true_concepts
 
 
 def image_concepts(run_dir: Path, truth: Path, source: str = "ingest") -> pl.DataFrame:
