@@ -22,24 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 # bench/ is on sys.path when this script runs
-from figures import (
-    Row,
-    balance,
-    build_packed,
-    concepts,
-    decontaminate,
-    dedup_truth,
-    e2e,
-    embed,
-    ingest,
-    learning,
-    match,
-    near_dup,
-    openai,
-    pack,
-    semdedup,
-    train,
-)
+from figures import Row, balance, build_packed, e2e, embed, ingest, match, near_dup, openai, pack, train
+from figures_quality import concepts, decontaminate, dedup_truth, learning, semdedup
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"

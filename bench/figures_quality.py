@@ -1,0 +1,279 @@
+"""`make bench` rows of what stages decide, judged against truth or a held-out test: dedup, semantic dedup,
+decontamination, learning, concepts (issues 5, 15, 16). Speed rows are in figures.py."""
+
+from __future__ import annotations
+
+from figures import Row, _f
+
+
+def dedup_truth(d: list[dict]) -> list[Row]:
+    """Leader groups with thumbnail verification; baseline: connected components on the same hashes."""
+    r = d[-1]
+    b = r["components"]
+    where = f"dedup on the fixture web of {r['n']:,} URLs (baseline: pHash connected components)"
+    rows = [
+        Row(
+            15,
+            f"{where}: precision of {r['rejects']:,} duplicate rejects",
+            f"{r['precision']:.3f}",
+            f"{b['precision']:.3f}",
+            "",
+            ">= 0.99",
+            r["precision"] >= 0.99,
+        )
+    ]
+    for kind, rec in r["recall"].items():
+        goal = kind != "crop"  # crop is reported, not judged
+        rows.append(
+            Row(
+                15,
+                f"same, recall of planted {kind} variants ({r['planted'][kind]:,})",
+                f"{rec:.3f}",
+                f"{b['recall'][kind]:.3f}",
+                "",
+                ">= 0.95" if goal else "",
+                rec >= 0.95 if goal else None,
+            )
+        )
+    lost = r["distinct_lost_fraction"]
+    rows.append(
+        Row(
+            15,
+            f"same, distinct images lost ({r['distinct_lost']:,} of {r['distinct']:,})",
+            f"{lost:.2%}",
+            f"{b['distinct_lost_fraction']:.2%}",
+            "",
+            "<= 0.5%",
+            lost <= 0.005,
+        )
+    )
+    return rows
+
+
+def semdedup(d: list[dict]) -> list[Row]:
+    """SemDeDup on synthetic embeddings with planted copies; baseline: brute force (all pairs) side by side."""
+    r = d[-1]
+    brute = r["sample_brute_s"] * (r["n"] / r["sample_n"]) ** 2  # all pairs: quadratic in n
+    where = f"{r['n']:,} x {r['dim']} embeddings"
+    return [
+        Row(
+            15,
+            f"semantic dedup of {where} (k-means {r['n_clusters']:,} clusters on {r['kmeans_sample']:,} rows: "
+            f"{r['kmeans_seconds']} s; cosines within clusters: {r['pairwise_seconds']} s), s",
+            _f(r["seconds"]),
+            f"~{brute:,.0f} (brute force, extrapolated from {r['sample_n']:,})",
+            f"~{brute / max(r['seconds'], 1e-9):,.0f}x",
+            "",
+            None,
+        ),
+        Row(
+            15,
+            f"same, peak RSS, MiB (the embeddings and interpreter alone: {r['rss_before_mb']:,.0f})",
+            _f(r["peak_rss_mb"], 0),
+            "",
+            "",
+            "",
+            None,
+        ),
+        Row(
+            15,
+            f"same, precision of planted semantic duplicates ({r['rejected']:,} rejects, eps {r['eps']})",
+            f"{r['precision']:.3f}",
+            "",
+            "",
+            ">= 0.99",
+            r["precision"] >= 0.99,
+        ),
+        Row(
+            15,
+            f"same, recall of planted semantic duplicates ({r['planted_dups']:,} at cosine >= 1 - eps)",
+            f"{r['recall']:.3f}",
+            "",
+            "",
+            ">= 0.95",
+            r["recall"] >= 0.95,
+        ),
+        Row(
+            15,
+            f"same, the op's global step spread over {r['spread_buckets']} tasks of <= {r['spread_bucket_mib']} MiB "
+            f"of embeddings (one after another, {r['spread_seconds']} s): peak RSS, MiB (baseline: one array)",
+            _f(r["spread_peak_rss_mb"], 0),
+            _f(r["peak_rss_mb"], 0),
+            f"{r['spread_peak_rss_mb'] / max(r['peak_rss_mb'], 1e-9):.2f}x",
+            "",
+            None,
+        ),
+        Row(
+            15,
+            "same, rows the spread step decides as the one array does",
+            f"{r['spread_agree']:.2%}",
+            "",
+            "",
+            ">= 99.9%",
+            r["spread_agree"] >= 0.999,
+        ),
+        Row(
+            15,
+            f"same on a {r['sample_n']:,} sample: rows with brute force's decision, s",
+            f"{r['sample_fast_s']:.3f} ({r['sample_agree']:.2%} agree)",
+            f"{r['sample_brute_s']:.3f} (brute force)",
+            "",
+            ">= 99% agree",
+            r["sample_agree"] >= 0.99,
+        ),
+    ]
+
+
+def learning(d: list[dict]) -> list[Row]:
+    r = d[-1]
+    rows = []
+    for kind, q in r["questions"].items():
+        bar, need = max(q["majority_rate"], q["blank_accuracy"]), r["margin"].get(kind)
+        rows.append(
+            Row(
+                5,
+                f"held-out {kind} accuracy, tiny model trained on pipeline data ({r['urls']:,} URLs, "
+                f"{r['steps']} steps, n = {q['n']})",
+                f"{q['accuracy']:.3f}",
+                f"{q['majority_rate']:.3f} majority; {q['blank_accuracy']:.3f} blank images",
+                f"{q['accuracy'] - bar:+.3f}",
+                f">= +{need} over both" if need else "",
+                q["accuracy"] >= bar + need if need else None,
+            )
+        )
+    return rows
+
+
+def decontaminate(d: list[dict]) -> list[Row]:
+    """Decontamination against planted copies of a held-out set; baseline: sha256 of the files (exact copies)."""
+    r, b = d[-1], d[-1]["sha256_baseline"]
+    where = f"decontamination, {r['eval_items']} eval items over a {r['n_web']:,}-pair web"
+    by = r["recall_by_variant"]
+    sizes = "; ".join(f"{x['eval_items']:,} items {x['ms_per_image']} ms" for x in r["by_eval_size"])
+    return [
+        Row(
+            15,
+            f"{where}: precision of {r['rejected']} eval_contamination rejects",
+            f"{r['precision']:.3f}",
+            f"{b['precision']:.3f} (sha256)",
+            "",
+            ">= 0.99",
+            r["precision"] >= 0.99,
+        ),
+        Row(
+            15,
+            f"same, recall of eval items and their copies ({r['positives']}; crops {by['crop']})",
+            f"{r['recall_all']:.3f}",
+            f"{b['recall_all']:.3f} (sha256)",
+            "",
+            "",
+            None,
+        ),
+        Row(
+            15,
+            "same, recall without crops (originals, exact, re-encode, resize)",
+            f"{r['recall_without_crop']:.3f}",
+            "",
+            "",
+            ">= 0.95",
+            r["recall_without_crop"] >= 0.95,
+        ),
+        Row(15, f"same, ms per image by eval set size ({sizes})", f"{r['ms_per_image']}", "", "", "", None),
+    ]
+
+
+def concepts(d: list[dict]) -> list[Row]:
+    """Issue 16 on the long-tailed web: the tower trained here vs the random one, matching against truth,
+    clip_score against planted mismatched captions, balancing vs uniform random sampling of the same size."""
+    r = d[-1]
+    z, m, s = r["zero_shot"], r["matching"], r["clip_score"]
+    where = f"long-tailed web of {r['n']:,} URLs"
+    rows = [
+        Row(
+            16,
+            f"tiny CLIP trained here ({r['steps']} steps, {r['training']['pairs']:,} pairs, "
+            f"{r['training']['train_s']:.0f} s): zero-shot accuracy, 72 compounds, held-out one-object images "
+            f"({z['trained']['images']}) (baseline: random tower)",
+            f"{z['trained']['compound']:.3f}",
+            f"{z['random']['compound']:.3f}",
+            "",
+            "",
+            None,
+        ),
+        Row(
+            16,
+            "same, shape (8) / colour (9) of the predicted compound",
+            f"{z['trained']['shape']:.3f} / {z['trained']['colour']:.3f}",
+            f"{z['random']['shape']:.3f} / {z['random']['colour']:.3f}",
+            "",
+            "",
+            None,
+        ),
+        Row(
+            16,
+            f"{where}: match_concepts feature top-5 recall of the drawn compounds (baseline: random tower)",
+            f"{m['feature_trained']['recall@5']:.3f}",
+            f"{m['feature_random']['recall@5']:.3f}",
+            "",
+            ">= 0.8",
+            m["feature_trained"]["recall@5"] >= 0.8,
+        ),
+        Row(
+            16,
+            "same, precision@5 feature / recall (all) substring / hybrid",
+            f"{m['feature_trained']['precision@5']:.3f} / {m['substring_trained']['recall_all']:.3f} / "
+            f"{m['hybrid_trained']['recall_all']:.3f}",
+            f"{m['feature_random']['precision@5']:.3f} / - / {m['hybrid_random']['recall_all']:.3f}",
+            "",
+            "",
+            None,
+        ),
+        Row(
+            16,
+            f"same, clip_score top {r['score_keep']:.0%}: precision / recall of {s['trained']['planted']} planted "
+            "mismatched captions (baseline: random tower)",
+            f"{s['trained']['precision']:.3f} / {s['trained']['recall']:.3f}",
+            f"{s['random']['precision']:.3f} / {s['random']['recall']:.3f}",
+            "",
+            "",
+            None,
+        ),
+        Row(
+            16,
+            "same, ROC AUC of the clip score for mismatched captions (no filter: 0.5)",
+            f"{s['trained']['auc']:.3f}",
+            f"{s['random']['auc']:.3f}",
+            "",
+            "",
+            None,
+        ),
+    ]
+    for name in ("inverse_frequency_trained", "metaclip_trained", "inverse_frequency_random"):
+        b = r["balance"][name]
+        ours, base = b["balanced"], b["random"]
+        ratio = ours["tail_share"] / max(base["tail_share"], 1e-9)
+        goal = name == "inverse_frequency_trained"
+        rows.append(
+            Row(
+                16,
+                f"same, balance {name.replace('_', ' ')} ({ours['images']:,} images, {r['fraction']:.0%}): share "
+                f"of tail compounds (pool {ours['tail_share_pool']:.3f}; baseline: uniform random, same size)",
+                f"{ours['tail_share']:.3f}",
+                f"{base['tail_share']:.3f}",
+                f"{ratio:.2f}x",
+                ">= 3x" if goal else "",
+                ratio >= 3 if goal else None,
+            )
+        )
+        rows.append(
+            Row(
+                16,
+                f"same, {name.replace('_', ' ')}: head share / normalised entropy",
+                f"{ours['head_share']:.3f} / {ours['entropy']:.3f}",
+                f"{base['head_share']:.3f} / {base['entropy']:.3f}",
+                "",
+                "",
+                None,
+            )
+        )
+    return rows
