@@ -94,6 +94,20 @@ class Filtered(Row):
 
     uid: str
     lang: str | None = Field(description="caption language (ISO 639-1) or null when too short to tell")
+    caption_issue: str | None = Field(
+        None,
+        description="the caption rule the alt-text broke, where `caption_failures: flag` kept the image (the "
+        "caption is then unusable: embed, match_concepts and clip_score ignore it, pseudo_caption replaces it)",
+    )
+
+
+class PseudoCaptioned(Row):
+    """An image's caption for the stages after pseudo_caption: its usable alt-text, or, where the alt-text is
+    missing or unusable, a pseudo-caption made of its top concepts (LLaVA-OneVision-1.5)."""
+
+    uid: str
+    caption: str = Field(description="the alt-text, or the concept names joined into a pseudo-caption")
+    caption_source: Literal["alt_text", "concepts"]
 
 
 class Balanced(Row):
@@ -223,6 +237,7 @@ TABLES: dict[str, type[Row]] = {
         Decontaminated,
         ClipScored,
         Filtered,
+        PseudoCaptioned,
         Balanced,
         Reject,
         Embedding,

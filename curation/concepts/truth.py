@@ -28,15 +28,27 @@ def image_concepts(run_dir: Path, truth: Path, source: str = "ingest") -> pl.Dat
     return uids.join(t.select("url", "concepts", "caption_kind"), on="url", how="left").drop("url")
 
 
+def _singular(entry: str) -> str:
+    """A vocabulary entry that names a compound in the plural ("green rings") as the compound ("green ring")."""
+    from curation.fixtures.scenes import COMPOUNDS
+    from curation.synth.rules import plural
+
+    return _PLURALS.setdefault("map", {f"{c} {plural(s, 2)}": f"{c} {s}" for c, s in COMPOUNDS}).get(entry, entry)
+
+
+_PLURALS: dict[str, dict[str, str]] = {}
+
+
 def _stage_rows(run_dir: Path, stage: str, columns: list[str]) -> pl.DataFrame:
     return pl.read_parquet(Path(run_dir) / stage / "part-*.parquet", columns=columns)
 
 
 def judge_matching(run_dir: Path, stage: str, truth: Path, vocab: Path, k: int = 5) -> dict:
     """Precision and recall of a match_concepts stage's entries against the drawn compounds, over the images with
-    at least one drawn compound: @k (the first k entries: feature matches, best first) and over all entries."""
+    at least one drawn compound: @k (the first k entries: feature matches, best first) and over all entries. An
+    entry naming a compound in the plural ("green rings") counts as that compound."""
     texts = pl.read_parquet(vocab, columns=["id", "text"])
-    names = dict(zip(texts["id"].to_list(), texts["text"].to_list()))
+    names = dict(zip(texts["id"].to_list(), (_singular(t) for t in texts["text"].to_list())))
     rows = _stage_rows(run_dir, stage, ["uid", "concept_ids"]).join(
         image_concepts(run_dir, truth), on="uid", how="inner"
     )
@@ -121,16 +133,21 @@ def random_selection(uids: list[str], size: int, seed: int = 0) -> set[str]:
     return {uids[i] for i in np.argsort(u, kind="stable")[:size]}
 
 
-def judge_balance(
-    run_dir: Path, pool_stage: str, kept_stage: str, truth: Path, seed: int = 0, **shares_kw
-) -> dict[str, dict]:
+def judge_balance(run_dir: Path, pool_stage: str, kept_stage: str, truth: Path, **shares_kw) -> dict[str, dict]:
     """A balance stage's selection and a uniform random one of the same size, from the same pool (the rows of
     `pool_stage`, e.g. the balance stage's input), each judged by `concept_shares`."""
     pool_uids = _stage_rows(run_dir, pool_stage, ["uid"])
     pool = pool_uids.join(image_concepts(run_dir, truth), on="uid", how="left")
     kept = set(_stage_rows(run_dir, kept_stage, ["uid"])["uid"].to_list())
-    rnd = random_selection(pool["uid"].to_list(), len(kept), seed)
-    return {"balanced": concept_shares(pool, kept, **shares_kw), "random": concept_shares(pool, rnd, **shares_kw)}
+    return {"balanced": concept_shares(pool, kept, **shares_kw), "random": random_shares(pool, len(kept), **shares_kw)}
+
+
+def random_shares(pool: pl.DataFrame, size: int, seeds: int = 10, **shares_kw) -> dict:
+    """`concept_shares` of uniform random selections of `size` images, averaged over `seeds` draws (one draw of a
+    small selection holds few tail objects: its tail share is noisy)."""
+    uids = pool["uid"].to_list()
+    draws = [concept_shares(pool, random_selection(uids, size, s), **shares_kw) for s in range(seeds)]
+    return {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -155,3 +172,35 @@ def judge_drops(uids: list[str], dropped: set[str], planted: set[str]) -> dict:
         "precision": hit / len(dropped) if dropped else 1.0,
         "recall": hit / len(planted) if planted else 1.0,
     }
+
+
+def truth_selection(pool: pl.DataFrame, fraction: float, method: str = "inverse_frequency", seed: int = 0) -> set[str]:
+    """The selection `balance` would make if its matches were the drawn compounds themselves (an upper bound for
+    any matcher): the same sampling code, the same target (`fraction` of the images with concepts) and seed."""
+    from curation.concepts import sampling as bal
+
+    names = sorted({c for cs in pool["concepts"].to_list() for c in (cs or [])})
+    index = {c: i for i, c in enumerate(names)}
+    offsets, ids = bal.csr_from_lists([[index[c] for c in (cs or [])] for cs in pool["concepts"].to_list()])
+    counts = bal.concept_counts(ids, max(1, len(names)))
+    uids = np.asarray(pool["uid"].to_list(), dtype=object)
+    target = round(fraction * int((np.diff(offsets) > 0).sum()))
+    if method == "metaclip":
+        t = bal.t_for_target_size(offsets, ids, counts, target)
+        keep = bal.keep_mask(uids, bal.metaclip_probs(offsets, ids, counts, t), seed)
+    else:
+        keep = bal.weighted_sample(uids, bal.inverse_frequency_weights(offsets, ids, counts), target, seed)
+    return set(uids[keep].tolist())
+
+
+def judge_truth_balance(run_dir: Path, pool_stage: str, truth: Path, fraction: float, seed: int = 0, **kw) -> dict:
+    """`truth_selection` of a stage's rows (inverse frequency and MetaCLIP), each beside uniform random of its size."""
+    pool = _stage_rows(run_dir, pool_stage, ["uid"]).join(image_concepts(run_dir, truth), on="uid", how="left")
+    out = {}
+    for method in ("inverse_frequency", "metaclip"):
+        kept = truth_selection(pool, fraction, method, seed)
+        out[f"{method}_truth"] = {
+            "balanced": concept_shares(pool, kept, **kw),
+            "random": random_shares(pool, len(kept), **kw),
+        }
+    return out

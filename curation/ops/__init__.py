@@ -10,6 +10,7 @@ from curation.ops.filter import Filter
 from curation.ops.ingest import Ingest
 from curation.ops.instruct import Instruct
 from curation.ops.match_concepts import MatchConcepts
+from curation.ops.pseudo_caption import PseudoCaption
 from curation.ops.recaption import Recaption
 from curation.ops.semdedup import SemDedup
 
@@ -25,6 +26,7 @@ OPS: dict[str, type[Op]] = {
         ClipScore,
         MatchConcepts,
         Balance,
+        PseudoCaption,
         Recaption,
         Instruct,
     )

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from curation.engine.store import atomic_write_json, empty_rejects, make_rejects, read_json, write_per_part
 from curation.ops.base import Op, Params
+from curation.ops.filter import usable_captions
 from schemas import ClipScored, arrow_schema
 
 SCHEMA = arrow_schema(ClipScored)
@@ -91,12 +92,16 @@ class ClipScore(Op):
     def required_columns(cls, params: ClipScoreParams) -> set[str]:
         return {"uid", "model", "image_embedding", "text_embedding"}
 
+    @classmethod
+    def optional_columns(cls, params: ClipScoreParams) -> set[str]:
+        return {"caption_issue"}  # a caption filter flagged has no text embedding, by design
+
     def analyze(self, table: pa.Table) -> pa.Table:
         """uid, score (null where the row has no text embedding) and model id of each row."""
         text = table.column("text_embedding").combine_chunks()
         has = pc.is_valid(text)
         if "caption" in table.column_names:
-            lost = pc.and_(pc.is_valid(table.column("caption")), pc.invert(has))
+            lost = pc.and_(pc.is_valid(pa.array(usable_captions(table), pa.string())), pc.invert(has))
             if (n := pc.sum(lost).as_py() or 0) > 0:
                 uid = table.column("uid").filter(lost)[0].as_py()
                 raise ValueError(

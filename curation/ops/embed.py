@@ -11,6 +11,7 @@ from pydantic import Field
 
 from curation.engine.store import empty_rejects, make_rejects
 from curation.ops.base import Op, Params, Placement
+from curation.ops.filter import usable_captions
 from schemas import Embedding, arrow_schema
 
 SCHEMA = arrow_schema(Embedding)
@@ -55,6 +56,10 @@ class Embed(Op):
     def required_columns(cls, params: EmbedParams) -> set[str]:
         return {"uid", "image", "caption"} if params.text else {"uid", "image"}
 
+    @classmethod
+    def optional_columns(cls, params: EmbedParams) -> set[str]:
+        return {"caption_issue"} if params.text else set()  # a caption filter flagged is not embedded
+
     def setup(self) -> None:
         import torch
 
@@ -75,7 +80,7 @@ class Embed(Op):
         kept = table.take(pa.array(ok, pa.int64()))
         text = pa.nulls(len(ok), SCHEMA.field("text_embedding").type)
         if self.params.text and "caption" in kept.column_names:
-            captions = kept.column("caption").to_pylist()
+            captions = usable_captions(kept)
             has = np.array([c is not None for c in captions], dtype=bool)  # [N_ok]
             vecs = np.zeros((len(ok), self.clip.dim), np.float32)  # [N_ok, D]
             if has.any():

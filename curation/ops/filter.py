@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Literal
 
 import py3langid
 import pyarrow as pa
@@ -43,6 +44,19 @@ def _cjk(text: str) -> bool:
     return any("\u3040" <= ch <= "\u9fff" for ch in text)
 
 
+def _caption_rule(reason: str | None) -> bool:
+    """True for the reasons that judge the alt-text, not the image."""
+    return reason is not None and reason.startswith("caption_")
+
+
+def usable_captions(table: pa.Table) -> list[str | None]:
+    """The table's captions, None where filter flagged the caption unusable (`caption_issue`, when present)."""
+    caps = table.column("caption").to_pylist()
+    if "caption_issue" not in table.column_names:
+        return caps
+    return [None if issue else c for c, issue in zip(caps, table.column("caption_issue").to_pylist())]
+
+
 class FilterParams(Params):
     min_size: int = Field(64, ge=0, description="min of original width and height, pixels")
     max_aspect: float = Field(3.0, ge=1.0, description="max of width/height and height/width")
@@ -60,13 +74,18 @@ class FilterParams(Params):
     max_repeats: int = Field(
         10, ge=2, description="a unit of 1-4 characters repeated this many times in a row is spam ('!!!!', 'hahaha')"
     )
+    caption_failures: Literal["reject", "flag"] = Field(
+        "reject",
+        description="reject: a caption rule broken rejects the image; flag: the image passes with the rule in "
+        "caption_issue and its caption unusable (a pseudo_caption stage can caption it from its concepts)",
+    )
 
 
 class Filter(Op):
     """Row-wise rules; the first rule a row breaks is its reason."""
 
     name = "filter"
-    version = "3"  # 2: thin rows (uid, lang); the image stays in the source stage's rows; 3: caption hygiene
+    version = "4"  # 2: thin rows (uid, lang), the image stays in ingest; 3: caption hygiene; 4: caption_issue
     Params = FilterParams
     output = Filtered
 
@@ -115,9 +134,19 @@ class Filter(Op):
     def process(self, part: str, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         rows = table.select(["uid", "url", "caption", "original_width", "original_height"]).to_pylist()
         verdicts = [self.check(r) for r in rows]
+        if self.params.caption_failures == "flag":  # the image passes; its caption is marked unusable
+            verdicts = [(None, None, None, v[0]) if _caption_rule(v[0]) else (*v, None) for v in verdicts]
+        else:
+            verdicts = [(*v, None) for v in verdicts]
         keep = pa.array([v[0] is None for v in verdicts], pa.bool_())
-        lang = pa.array([v[2] for v in verdicts if v[0] is None], pa.string())
-        out = table.filter(keep).select(["uid"]).append_column("lang", lang)
+        passed = [v for v in verdicts if v[0] is None]
+        out = pa.table(
+            {
+                "uid": table.filter(keep).column("uid"),
+                "lang": pa.array([v[2] for v in passed], pa.string()),
+                "caption_issue": pa.array([v[3] for v in passed], pa.string()),
+            }
+        )
         bad = [(r, v) for r, v in zip(rows, verdicts) if v[0] is not None]
         rejects = make_rejects([r for r, _ in bad], self.stage, [v[0] for _, v in bad], [v[1] for _, v in bad])
         return out, rejects

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from curation.engine.store import empty_rejects, make_rejects
 from curation.ops.base import Op, Params, Placement
+from curation.ops.filter import usable_captions
 from schemas import ConceptMatch, arrow_schema
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -56,6 +57,10 @@ class MatchConcepts(Op):
     def required_columns(cls, params: MatchParams) -> set[str]:
         feature = {"uid", "model", "image_embedding"} if params.mode != "substring" else set()
         return {"uid"} | feature | ({"caption"} if params.mode != "feature" else set())
+
+    @classmethod
+    def optional_columns(cls, params: MatchParams) -> set[str]:
+        return {"caption_issue"} if params.mode != "feature" else set()  # flagged captions are not matched
 
     @property
     def uses_features(self) -> bool:
@@ -111,7 +116,7 @@ class MatchConcepts(Op):
         if table.num_rows == 0:
             return arrow_schema(ConceptMatch).empty_table(), rejects
         feats, query = self._feature_matches(table) if self.uses_features else (None, None)
-        subs = self.matcher.match_many(table.column("caption").to_pylist()) if self.params.mode != "feature" else None
+        subs = self.matcher.match_many(usable_captions(table)) if self.params.mode != "feature" else None
         rows = []
         for i, uid in enumerate(table.column("uid").to_pylist()):
             ids, scores, source = feats[i] if feats else ([], [], [])
