@@ -244,11 +244,16 @@ def table(res: dict) -> str:
     lines.append("|---|---|---|---|")
     for t, r in z.items():
         lines.append(f"| {t} | {r['compound']:.3f} | {r['shape']:.3f} | {r['colour']:.3f} |")
-    lines += ["", f"| match stage | images | precision@{K} | recall@{K} | precision (all) | recall (all) |"]
-    lines.append("|---|---|---|---|---|---|")
+    lines += [
+        "",
+        f"| match stage | images | precision@{K} | recall@{K} | recall@{K}, one compound | recall@{K}, 2-3 "
+        "| precision (all) | recall (all) |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|")
     for s, r in res["matching"].items():
         lines.append(
             f"| {s} | {r['images']:,} | {r[f'precision@{K}']:.3f} | {r[f'recall@{K}']:.3f} | "
+            f"{r[f'recall@{K}_one_compound']:.3f} | {r[f'recall@{K}_several']:.3f} | "
             f"{r['precision_all']:.3f} | {r['recall_all']:.3f} |"
         )
     lines += ["", "| clip_score tower | rows | planted mismatched | dropped | precision | recall | AUC |"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 # bench/ is on sys.path when this script runs
 from figures import Row, balance, build_packed, e2e, embed, ingest, match, near_dup, openai, pack, train
-from figures_quality import concepts, decontaminate, dedup_truth, learning, semdedup
+from figures_quality import concepts, decontaminate, dedup_truth, learning, learning_balance, semdedup
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -74,6 +74,13 @@ BENCHES = [
     Bench("decontaminate", ["--n", "2000", "--held-out", "100"], decontaminate, ["--n", "300", "--sizes", "100"]),
     Bench("learning", [], learning, ["--urls", "100", "--steps", "5"], script="learning.py"),
     Bench("concepts", ["--n", "6000", "--steps", "600"], concepts, ["--n", "60", "--steps", "2"]),
+    Bench(
+        "learning_balance",
+        [],
+        learning_balance,
+        ["--urls", "300", "--steps", "5", "--seeds", "0"],
+        script="learning_balance.py",
+    ),
 ]
 
 

@@ -40,8 +40,11 @@ FIGURES = {  # issue -> figures the issue asked for (a substring of each row's f
         "feature top-5 recall",
         "planted mismatched captions",
         "ROC AUC of the clip score",
-        "balance inverse frequency trained",
-        "balance metaclip trained",
+        "balance inverse frequency feature trained",
+        "balance metaclip feature trained",
+        "balance inverse frequency truth",
+        "held-out tail-compound colour accuracy",
+        "head-compound colour accuracy",
     ],
 }
 

@@ -8,7 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.concepts.truth import auc, concept_shares, judge_drops, judge_matching, random_selection
+from curation.concepts.truth import (
+    auc,
+    concept_shares,
+    judge_drops,
+    judge_matching,
+    random_selection,
+    random_shares,
+    truth_selection,
+)
 from curation.concepts.vocab import make_table, write_vocab
 
 
@@ -64,7 +72,7 @@ def test_judge_matching_against_truth(tmp_path):
         tmp_path / "truth.parquet",
     )
     vocab = tmp_path / "vocab.parquet"
-    write_vocab(make_table(["red circle", "blue star", "red", "green square"], "title"), vocab)
+    write_vocab(make_table(["red circle", "blue stars", "red", "green square"], "title"), vocab)  # plural: a hit
     pq.write_table(
         pa.table({"uid": ["a", "b", "c"], "concept_ids": [[2, 0], [3, 1, 0], [0]]}),
         run / "match" / "part-00000.parquet",
@@ -73,3 +81,29 @@ def test_judge_matching_against_truth(tmp_path):
     assert r["images"] == 2
     assert r["recall@2"] == pytest.approx((1 + 0.5) / 2) and r["precision@2"] == pytest.approx((0.5 + 0.5) / 2)
     assert r["recall_all"] == 1.0 and r["precision_all"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert r["recall@2_one_compound"] == 1.0 and r["recall@2_several"] == 0.5
+
+
+def _zipf_pool(n: int = 3000, seed: int = 0) -> pl.DataFrame:
+    """n images of 1-2 objects whose 20 concepts follow a Zipf law (s = 1.2)."""
+    rng = np.random.default_rng(seed)
+    p = np.arange(1, 21) ** -1.2
+    draws = rng.choice(20, size=(n, 2), p=p / p.sum())
+    two = rng.random(n) < 0.5
+    concepts = [sorted({f"c{a}", f"c{b}"}) if t else [f"c{a}"] for (a, b), t in zip(draws, two)]
+    return pl.DataFrame({"uid": [f"u{i:05d}" for i in range(n)], "concepts": concepts})
+
+
+def test_balancing_on_the_truth_keeps_the_tail_and_random_does_not():
+    """The upper bound of any matcher: inverse frequency on the drawn concepts themselves raises the tail's share
+    (measured 2.3-2.6x here: the tail's ~600 objects do not fit a 300-image budget); uniform random keeps the pool's
+    share (averaged over draws)."""
+    pool = _zipf_pool()
+    kept = truth_selection(pool, 0.1)
+    assert kept == truth_selection(pool.reverse(), 0.1) and len(kept) == 300  # order free, exactly the target
+    b = concept_shares(pool, kept)
+    r = random_shares(pool, len(kept))
+    assert b["tail_share"] > 2 * r["tail_share"] and b["tail_retention"] > 2 * r["tail_retention"]
+    assert r["tail_share"] == pytest.approx(b["tail_share_pool"], rel=0.25) and r["head_share"] > b["head_share"]
+    meta = concept_shares(pool, truth_selection(pool, 0.1, method="metaclip"))
+    assert meta["tail_share"] > 2 * r["tail_share"] and meta["images"] == pytest.approx(300, rel=0.15)

@@ -176,3 +176,22 @@ def test_in_the_dag_flagged_images_are_embedded_without_text_and_recaptioned_fro
     answers = {r["uid"]: r["conversations"][-1]["value"] for r in samples.iter_rows(named=True)}
     made = pseudo.filter(pl.col("caption_source") == "concepts")
     assert all(answers[u] == c for u, c in zip(made["uid"], made["caption"]))  # the pseudo-caption, not the alt-text
+
+
+def test_the_commented_example_in_metaclip_yaml_is_a_valid_stage():
+    import yaml
+
+    from tests.conftest import ROOT
+
+    lines, out, inside = (ROOT / "curation/pipelines/metaclip.yaml").read_text().splitlines(), [], False
+    for line in lines:
+        inside = line == "  # pseudo_caption:" or (inside and line.startswith("  #   "))
+        out.append(line.replace("  # ", "  ", 1) if inside else line)
+    raw = yaml.safe_load("\n".join(out))
+    raw["stages"]["filter"].setdefault("params", {})["caption_failures"] = "flag"
+    raw["stages"]["balance"]["after"] = ["pseudo_caption"]
+    p = parse_pipeline(raw, "metaclip.yaml")
+    assert p.stages["pseudo_caption"].lineage["concept_ids"] == "match_concepts"
+    assert p.stages["pseudo_caption"].lineage["caption_issue"] == "filter"
+    assert p.stages["recaption"].lineage["caption"] == "pseudo_caption"  # what recaption reads is the new caption
+    assert p.stages["embed"].lineage["caption_issue"] == "filter"  # flagged captions are not embedded

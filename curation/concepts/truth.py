@@ -52,11 +52,12 @@ def judge_matching(run_dir: Path, stage: str, truth: Path, vocab: Path, k: int =
     rows = _stage_rows(run_dir, stage, ["uid", "concept_ids"]).join(
         image_concepts(run_dir, truth), on="uid", how="inner"
     )
-    p_k, r_k, p_all, r_all = [], [], [], []
+    p_k, r_k, p_all, r_all, one = [], [], [], [], []
     for ids, drawn in zip(rows["concept_ids"].to_list(), rows["concepts"].to_list()):
         if not drawn:
             continue
         drawn = set(drawn)
+        one.append(len(drawn) == 1)
         got = [names[i] for i in ids]
         top = got[:k]
         hits_k, hits_all = len(drawn & set(top)), len(drawn & set(got))
@@ -73,6 +74,8 @@ def judge_matching(run_dir: Path, stage: str, truth: Path, vocab: Path, k: int =
         f"recall@{k}": mean(r_k),
         "precision_all": mean(p_all),
         "recall_all": mean(r_all),
+        f"recall@{k}_one_compound": mean([r for r, o in zip(r_k, one) if o]),  # images of one compound
+        f"recall@{k}_several": mean([r for r, o in zip(r_k, one) if not o]),  # of 2-3 (the binding problem)
         "entries_per_image": float(rows["concept_ids"].list.len().mean() or 0.0),
     }
 
