@@ -62,8 +62,8 @@ def test_run_made_before_one_copy_storage_resumes_without_downloading(tmp_path):
     # dedup 3 groups by verified leaders: it only refuses merges that 2 made (an image rejected against a leader
     # near it was in that leader's component, not first in it), so it keeps every image 2 kept, and maybe more.
     versions = {s: manifests[s]["op_version"] for s in ("dedup", "filter", "balance", "conversation")}
-    assert versions == {"dedup": "3", "filter": "3", "balance": "2", "conversation": "3"}  # filter 3, instruct 3:
-    # caption hygiene and vetted image slots (issue 15)
+    assert versions == {"dedup": "3", "filter": "4", "balance": "2", "conversation": "3"}  # filter 3, instruct 3:
+    # caption hygiene and vetted image slots (issue 15); filter 4: the caption_issue column (issue 16)
     after = {s: (_uids(run, s), _uids(run, s, rejects=True)) for s in stages}
     (kept, rejected), (kept_before, rejected_before) = after["dedup"], before["dedup"]
     assert set(rejected) <= set(rejected_before) and set(kept_before) <= set(kept)
