@@ -102,6 +102,30 @@ def make_data(workdir: Path, n_urls: int, web_seed: int) -> tuple[list[dict], li
     return train_t.to_pylist(), test_t.to_pylist(), shard_dir, {k: m["counts"] for k, m in manifests.items()}
 
 
+def stage2_config(shards: Path, parts: dict, out: Path, steps: int, seed: int, lr: float, rows_per_step: int = 4):
+    """The experiments' training run: stage 2 of the tiny model (`make_tiny_all` parts) on one shard folder."""
+    from trainer.config import load_config
+
+    return load_config(
+        None,
+        {
+            "stage": 2,
+            "shards": [str(shards)],
+            "vision": str(parts["vision"]),
+            "lm": str(parts["lm"]),
+            "out": str(out),
+            "max_len": 512,
+            "rows_per_step": rows_per_step,
+            "max_steps": steps,
+            "lr": lr,
+            "warmup_steps": 10,
+            "seed": seed,
+            "log_every": 10,
+            "checkpoint_every": steps,
+        },
+    )
+
+
 def learn(
     workdir: str | Path,
     n_urls: int = 2000,
@@ -114,7 +138,6 @@ def learn(
     """The whole experiment in `workdir`; returns the evaluation report plus data and training figures."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from trainer.config import load_config
     from trainer.evaluate import evaluate
     from trainer.tiny import make_tiny_all
     from trainer.train import load_trained, train
@@ -124,24 +147,7 @@ def learn(
     train_rows, test_rows, shards, counts = make_data(workdir, n_urls, web_seed)
     t_data = time.perf_counter() - t0
     parts = make_tiny_all(workdir / "models", seed=seed)
-    cfg = load_config(
-        None,
-        {
-            "stage": 2,
-            "shards": [str(shards)],
-            "vision": str(parts["vision"]),
-            "lm": str(parts["lm"]),
-            "out": str(workdir / "train"),
-            "max_len": 512,
-            "rows_per_step": rows_per_step,
-            "max_steps": steps,
-            "lr": lr,
-            "warmup_steps": 10,
-            "seed": seed,
-            "log_every": 10,
-            "checkpoint_every": steps,
-        },
-    )
+    cfg = stage2_config(shards, parts, workdir / "train", steps, seed, lr, rows_per_step)
     summary = train(cfg)
     t_train = time.perf_counter() - t0 - t_data
     final = workdir / "train" / "final"

@@ -140,32 +140,15 @@ def train_arm(workdir: Path, rows: list[dict], parts: dict, steps: int, seed: in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from bench.learning import stage2_config
     from schemas import ImageInstruction, arrow_schema
-    from trainer.config import load_config
     from trainer.train import train
 
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run: never resume another selection's checkpoint
     shards = workdir / "shard"
     shards.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(ImageInstruction)), shards / "part-00000.parquet")
-    cfg = load_config(
-        None,
-        {
-            "stage": 2,
-            "shards": [str(shards)],
-            "vision": str(parts["vision"]),
-            "lm": str(parts["lm"]),
-            "out": str(workdir / "train"),
-            "max_len": 512,
-            "rows_per_step": 4,
-            "max_steps": steps,
-            "lr": lr,
-            "warmup_steps": 10,
-            "seed": seed,
-            "log_every": 50,
-            "checkpoint_every": steps,
-        },
-    )
+    cfg = stage2_config(shards, parts, workdir / "train", steps, seed, lr)
     train(cfg)
     return workdir / "train"
 
