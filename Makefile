@@ -48,7 +48,7 @@ test: $(STAMP) $(VLLM_STAMP) lint  ## lint, then the whole suite, slow tests inc
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-bench: $(STAMP)  ## every benchmark in bench/ (~15 min on 2 cores): one table, also written to bench/RESULTS.md
+bench: $(STAMP)  ## every benchmark in bench/ (~50 min on 2 cores): one table, also written to bench/RESULTS.md
 	$(PY) bench/run_all.py --write
 
 clean:
