@@ -321,4 +321,3 @@ def learning_balance(d: list[dict]) -> list[Row]:
             )
         )
     return rows
-    return rows

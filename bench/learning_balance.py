@@ -67,15 +67,9 @@ def pipeline(web: Path, vocab: Path, fraction: float | None) -> dict:
     return {"name": "learning_balance", "stages": stages}
 
 
-def compound_vocab(path: Path) -> Path:
-    from curation.concepts.vocab import make_table, write_vocab
-    from curation.fixtures.scenes import COMPOUNDS, concept_name
-
-    write_vocab(make_table([concept_name(c, s) for c, s in COMPOUNDS], "title"), path)
-    return path
-
-
-def run_web(workdir: Path, name: str, n: int, seed: int, fraction: float | None) -> tuple[Path, Path, dict]:
+def run_web(
+    workdir: Path, name: str, n: int, seed: int, vocab: Path, fraction: float | None
+) -> tuple[Path, Path, dict]:
     """Make and serve a long-tailed web, run the chain; (run dir, web dir, stage counts)."""
     from curation.engine.config import parse_pipeline
     from curation.engine.driver import run_pipeline
@@ -84,7 +78,6 @@ def run_web(workdir: Path, name: str, n: int, seed: int, fraction: float | None)
 
     web, run = workdir / f"{name}_web", workdir / f"{name}_run"
     make_web(web, n=n, port=free_port(), seed=seed, scenes="longtail")
-    vocab = compound_vocab(workdir / "compounds.parquet")
     with WebServer(web):
         manifests = run_pipeline(parse_pipeline(pipeline(web, vocab, fraction), name), run)
     return run, web, {k: m["counts"] for k, m in manifests.items()}
@@ -114,13 +107,14 @@ def selections(run: Path, web: Path, fraction: float) -> tuple[dict[str, set[str
 
 
 def bucket_of(pool_counts: dict[str, int]) -> dict[str, str]:
-    """compound -> "head" (the HEAD most frequent in the pool), "tail" (the rarer half) or "mid"."""
+    """compound -> "head" (the HEAD most frequent in the pool), "tail" (the rarer half of the 72, absent ones
+    included) or "mid": concept_shares' head and tail."""
+    from curation.concepts.truth import head_and_tail
     from curation.fixtures.scenes import COMPOUNDS, concept_name
 
-    names = [concept_name(c, s) for c, s in COMPOUNDS]
-    order = sorted(names, key=lambda c: (-pool_counts.get(c, 0), names.index(c)))
-    half = len(order) // 2
-    return {c: "head" if i < HEAD else "tail" if i >= half else "mid" for i, c in enumerate(order)}
+    counts = {concept_name(c, s): 0 for c, s in COMPOUNDS} | pool_counts
+    head, tail = head_and_tail(counts, HEAD)
+    return {c: "head" if c in head else "tail" if c in tail else "mid" for c in counts}
 
 
 def colour_questions(rows: list[dict]) -> list[tuple[object, str]]:
@@ -191,14 +185,17 @@ def experiment(
     """The whole experiment in `workdir`: per arm and seed, held-out colour accuracy on tail and head compounds."""
     import polars as pl
 
+    from bench.bench_concepts import compound_vocab
     from curation.concepts.truth import image_concepts
     from schemas.rundir import RunDir
     from trainer.tiny import make_tiny_all
 
     workdir = Path(workdir)
     t0 = time.perf_counter()
-    run, web, counts = run_web(workdir, "pool", n_urls, web_seed, fraction)
-    held_run, _, _ = run_web(workdir, "held", held_urls or max(400, n_urls // 3), web_seed + 1000, None)
+    workdir.mkdir(parents=True, exist_ok=True)
+    vocab = compound_vocab(workdir)  # the 72 names, as bench/bench_concepts.py matches them
+    run, web, counts = run_web(workdir, "pool", n_urls, web_seed, vocab, fraction)
+    held_run, _, _ = run_web(workdir, "held", held_urls or max(400, n_urls // 3), web_seed + 1000, vocab, None)
     chosen, shares = selections(run, web, fraction)
     objs = image_concepts(run, web / "truth.parquet").explode("concepts").drop_nulls("concepts")
     pool_counts = dict(objs.group_by("concepts").len().iter_rows())

@@ -253,6 +253,38 @@ def weighted_sample(uids, weights: np.ndarray, target: int, seed: int, min_weigh
     return top_k_mask(es_keys(uids, weights, seed, min_weight), target)
 
 
+def select(
+    uids,
+    offsets: np.ndarray,
+    concept_ids: np.ndarray,
+    counts: np.ndarray,
+    method: str,
+    target: int | None = None,
+    *,
+    t: float | None = None,
+    tail_mass: float | None = None,
+    seed: int = 0,
+    reduce: str = "sum",
+    min_weight: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """The balance decision for every image: (keep bool [N], weight float64 [N], t). metaclip: keep probability
+    with t given, else set by `tail_mass`, else by the target size (1.0 without one); inverse_frequency: exactly
+    `target` images drawn by weight (t None)."""
+    if method == "metaclip":
+        if t is None:
+            t = (
+                t_for_tail_mass(counts, tail_mass)
+                if tail_mass
+                else t_for_target_size(offsets, concept_ids, counts, target)
+                if target
+                else 1.0
+            )
+        weight = metaclip_probs(offsets, concept_ids, counts, t)
+        return keep_mask(uids, weight, seed), weight, t
+    weight = inverse_frequency_weights(offsets, concept_ids, counts, reduce)
+    return weighted_sample(uids, weight, target, seed, min_weight), weight, None
+
+
 # ---------------------------------------------------------------- coverage
 
 

@@ -9,6 +9,7 @@ beside a uniform random selection of the same size.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -28,15 +29,18 @@ def image_concepts(run_dir: Path, truth: Path, source: str = "ingest") -> pl.Dat
     return uids.join(t.select("url", "concepts", "caption_kind"), on="url", how="left").drop("url")
 
 
-def _singular(entry: str) -> str:
-    """A vocabulary entry that names a compound in the plural ("green rings") as the compound ("green ring")."""
+@functools.cache
+def _plurals() -> dict[str, str]:
+    """ "green rings" -> "green ring", for every compound."""
     from curation.fixtures.scenes import COMPOUNDS
     from curation.synth.rules import plural
 
-    return _PLURALS.setdefault("map", {f"{c} {plural(s, 2)}": f"{c} {s}" for c, s in COMPOUNDS}).get(entry, entry)
+    return {f"{c} {plural(s, 2)}": f"{c} {s}" for c, s in COMPOUNDS}
 
 
-_PLURALS: dict[str, dict[str, str]] = {}
+def _singular(entry: str) -> str:
+    """A vocabulary entry that names a compound in the plural ("green rings") as the compound ("green ring")."""
+    return _plurals().get(entry, entry)
 
 
 def _stage_rows(run_dir: Path, stage: str, columns: list[str]) -> pl.DataFrame:
@@ -85,6 +89,12 @@ def _objects(table: pl.DataFrame) -> pl.DataFrame:
     return table.select("uid", "concepts").explode("concepts").drop_nulls("concepts").rename({"concepts": "concept"})
 
 
+def head_and_tail(counts: dict[str, int], head: int = 7, tail_fraction: float = 0.5) -> tuple[set[str], set[str]]:
+    """The `head` most frequent concepts and the least frequent `tail_fraction` of them (ties by name)."""
+    order = sorted(counts, key=lambda c: (-counts[c], c))
+    return set(order[:head]), set(order[-max(1, round(tail_fraction * len(order))) :])
+
+
 def concept_shares(
     pool: pl.DataFrame, kept_uids: list[str] | set[str], head: int = 7, tail_fraction: float = 0.5
 ) -> dict:
@@ -95,9 +105,7 @@ def concept_shares(
     counts = objs.group_by("concept").agg(pool=pl.len())
     kept = objs.filter(pl.col("uid").is_in(list(kept_uids))).group_by("concept").agg(kept=pl.len())
     c = counts.join(kept, on="concept", how="left").fill_null(0).sort(["pool", "concept"], descending=[True, False])
-    n_tail = max(1, round(tail_fraction * c.height))
-    head_names = set(c["concept"][:head].to_list())
-    tail_names = set(c["concept"][-n_tail:].to_list())
+    head_names, tail_names = head_and_tail(dict(zip(c["concept"], c["pool"])), head, tail_fraction)
     pool_n, kept_n = int(c["pool"].sum()), int(c["kept"].sum())
 
     def share(col: str, names: set[str], total: int) -> float:
@@ -188,11 +196,7 @@ def truth_selection(pool: pl.DataFrame, fraction: float, method: str = "inverse_
     counts = bal.concept_counts(ids, max(1, len(names)))
     uids = np.asarray(pool["uid"].to_list(), dtype=object)
     target = round(fraction * int((np.diff(offsets) > 0).sum()))
-    if method == "metaclip":
-        t = bal.t_for_target_size(offsets, ids, counts, target)
-        keep = bal.keep_mask(uids, bal.metaclip_probs(offsets, ids, counts, t), seed)
-    else:
-        keep = bal.weighted_sample(uids, bal.inverse_frequency_weights(offsets, ids, counts), target, seed)
+    keep, _, _ = bal.select(uids, offsets, ids, counts, method, target, seed=seed)
     return set(uids[keep].tolist())
 
 

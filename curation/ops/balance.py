@@ -99,20 +99,19 @@ class Balance(Op):
             if p.target_size is not None
             else (round(p.target_fraction * matched) if p.target_fraction is not None else None)
         )
-        t = None
-        if p.method == "metaclip":
-            t = p.t or (
-                bal.t_for_tail_mass(counts, p.tail_mass)
-                if p.tail_mass
-                else bal.t_for_target_size(offsets, ids, counts, target)
-                if target
-                else 1.0
-            )
-            weight = bal.metaclip_probs(offsets, ids, counts, t)
-            keep = bal.keep_mask(uids, weight, p.seed)
-        else:
-            weight = bal.inverse_frequency_weights(offsets, ids, counts, p.reduce)
-            keep = bal.weighted_sample(uids, weight, target, p.seed, p.min_weight)
+        keep, weight, t = bal.select(
+            uids,
+            offsets,
+            ids,
+            counts,
+            p.method,
+            target,
+            t=p.t,
+            tail_mass=p.tail_mass,
+            seed=p.seed,
+            reduce=p.reduce,
+            min_weight=p.min_weight,
+        )
         before, after = bal.coverage(offsets, ids, n_concepts, None, t), bal.coverage(offsets, ids, n_concepts, keep, t)
         kept_counts = bal.concept_counts(ids[np.repeat(keep, np.diff(offsets))], n_concepts)
         present = np.flatnonzero(counts)
