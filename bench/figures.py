@@ -260,3 +260,46 @@ def e2e(d: list[dict]) -> list[Row]:
             None,
         ),
     ]
+
+
+def sources(d: list[dict]) -> list[Row]:
+    p, t = d[-1]["plan"], d[-1]["tars"]
+    ours, base = p["ours"], p["baseline"]
+    return [
+        Row(
+            17,
+            f"plan a {p['rows']:,}-row, {p['files']}-file URL list (streamed), s",
+            _f(ours["seconds"]),
+            f"{_f(base['seconds'])} (the whole list in one table, as before)",
+            f"{base['seconds'] / max(ours['seconds'], 1e-9):.2f}x",
+            "< 30 s",
+            ours["seconds"] < 30,
+        ),
+        Row(
+            17,
+            "same, driver peak RSS over its imports, MiB",
+            _f(ours["peak_rss_mib"], 0),
+            _f(base["peak_rss_mib"], 0),
+            f"{ours['peak_rss_mib'] / max(base['peak_rss_mib'], 1e-9):.2f}x",
+            "<= 0.5x",
+            ours["peak_rss_mib"] <= 0.5 * base["peak_rss_mib"],
+        ),
+        Row(
+            17,
+            f"read_webdataset {t['samples']:,} samples ({t['tars']} tars), each image decoded once, samples/s",
+            _f(t["ours_per_s"], 0),
+            f"{_f(t['wds_pil_per_s'], 0)} (webdataset, .decode('pil'))",
+            f"{t['ratio_pil']:.2f}x",
+            ">= 0.9x",
+            t["ratio_pil"] >= 0.9,
+        ),
+        Row(
+            17,
+            "same, verify: header (no decode), samples/s",
+            _f(t["ours_header_per_s"], 0),
+            f"{_f(t['wds_raw_per_s'], 0)} (webdataset, bytes only)",
+            f"{t['ratio_header_raw']:.2f}x",
+            "",
+            None,
+        ),
+    ]

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 # bench/ is on sys.path when this script runs
-from figures import Row, balance, build_packed, e2e, embed, ingest, match, near_dup, openai, pack, train
+from figures import Row, balance, build_packed, e2e, embed, ingest, match, near_dup, openai, pack, sources, train
 from figures_quality import concepts, decontaminate, dedup_truth, learning, learning_balance, semdedup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +72,12 @@ BENCHES = [
         + ["--spread-bucket-mib", "1"],
     ),
     Bench("decontaminate", ["--n", "2000", "--held-out", "100"], decontaminate, ["--n", "300", "--sizes", "100"]),
+    Bench(
+        "sources",
+        ["--files", "100", "--rows", "10000", "--tars", "4", "--per-tar", "500", "--rounds", "3"],
+        sources,
+        ["--files", "3", "--rows", "200", "--tars", "1", "--per-tar", "20", "--rounds", "1"],
+    ),
     Bench("learning", [], learning, ["--urls", "100", "--steps", "5"], script="learning.py"),
     Bench("concepts", ["--n", "6000", "--steps", "600"], concepts, ["--n", "60", "--steps", "2"]),
     Bench(

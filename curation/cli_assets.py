@@ -175,3 +175,25 @@ def fixtures_serve(web: Path, port: int | None = typer.Option(None, help="defaul
     from curation.fixtures.serve import main
 
     main(web, port)
+
+
+@fixtures_app.command("sources")
+def fixtures_sources(
+    web: Path = typer.Argument(..., help="a fixture web (`curate fixtures web`)"),
+    out: Path = typer.Option(..., help="folder to write: urls/, laion/, folder/, webdataset/, parquet/, coco/"),
+):
+    """Write the web in the forms users bring data in: sharded URL lists (Parquet, CSV, TSV.GZ, JSONL; and LAION's
+    column names), an image folder with .txt captions, WebDataset tars, image Parquet and a COCO set."""
+    from curation.fixtures import sources as fx
+
+    if not (web / "truth.parquet").is_file():
+        fail(f"{web}: not a fixture web (no truth.parquet); make one with `curate fixtures web`")
+    written = {
+        "urls": [str(p) for p in fx.write_url_shards(web, out / "urls")],
+        "laion": [str(p) for p in fx.write_url_shards(web, out / "laion", formats=("parquet",), laion=True)],
+        "folder": str(fx.write_folder(web, out / "folder")),
+        "webdataset": [str(p) for p in fx.write_webdataset(web, out / "webdataset")],
+        "parquet": [str(p) for p in fx.write_image_parquet(web, out / "parquet")],
+        "coco": {k: str(v) for k, v in fx.write_coco(web, out / "coco").items()},
+    }
+    print(json.dumps(written, indent=2))

@@ -39,10 +39,11 @@ class WebPair(Row):
 
 
 class Image(Row):
-    """A downloaded, decoded and resized image with its alt-text (ingest output)."""
+    """An image with its alt-text: downloaded, decoded and resized (ingest), or read where it lies (the read_*
+    sources: tars, image Parquet, folders, COCO)."""
 
     uid: str = Field(description="stable id: blake2b-64 of url and caption, hex")
-    url: str
+    url: str = Field(description="the web URL; for a local image without one, its path relative to the source root")
     caption: str | None
     sha256: str = Field(description="sha256 of the bytes as downloaded")
     width: Int32
@@ -51,6 +52,16 @@ class Image(Row):
     original_height: Int32
     image: bytes = Field(description="encoded image after resizing (JPEG by default)")
     exif: str | None = None
+    source: str | None = Field(
+        None, description="where a read_* source read the image: its file, or the tar and the sample's key (tar#key)"
+    )
+
+
+class CocoImage(Image):
+    """An image of a COCO-format set with all its captions (read_coco output; `caption` is the first of them)."""
+
+    coco_id: int = Field(description="the image's id in the COCO files")
+    captions: list[str] = Field(description="every caption of the image, in annotation id order")
 
 
 # Stages that only decide write thin rows: uid plus what they add. The image, its alt-text and its sizes stay in
@@ -232,6 +243,7 @@ TABLES: dict[str, type[Row]] = {
     for m in (
         WebPair,
         Image,
+        CocoImage,
         Deduped,
         SemDeduped,
         Decontaminated,

@@ -46,6 +46,7 @@ FIGURES = {  # issue -> figures the issue asked for (a substring of each row's f
         "held-out tail-compound colour accuracy",
         "head-compound colour accuracy",
     ],
+    17: ["URL list (streamed)", "driver peak RSS over its imports", "read_webdataset", "verify: header"],
 }
 
 

@@ -44,7 +44,8 @@ def test_invalid_utf8_in_a_url_list_is_a_reject_not_a_crash(tmp_path):
     """A CSV holding bytes that are not UTF-8: pyarrow reads the column as binary, a cast would fail the stage."""
     urls = tmp_path / "urls.csv"
     urls.write_bytes(b"url,caption\nhttp://127.0.0.1:1/a.jpg,caf\xe9 au lait on a table\nhttp://127.0.0.1:1/b.jpg,ok\n")
-    table = Ingest(IngestParams(urls=str(urls)), "ingest", tmp_path)._read_urls()
+    ingest = Ingest(IngestParams(urls=str(urls)), "ingest", tmp_path)
+    table = ingest._plan(ingest.plan()[0])
     caps = table.column("caption").to_pylist()
     assert caps == ["caf\ufffd au lait on a table", "ok"] and table.column("uid").null_count == 0
     f = Filter(FilterParams(), "filter", tmp_path)

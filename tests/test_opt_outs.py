@@ -44,7 +44,7 @@ CASES = {
     "/two-headers.jpg": (["otherbot: noai", "noimageai"], True),
     "/two-headers-ok.jpg": (["otherbot: noai", "nofollow"], False),
 }
-ADDED = ("disallowed_header_directives", "user_agent_token")
+ADDED = ("disallowed_header_directives", "user_agent_token", "column_names", "metadata")  # fields after release 1
 
 
 def _jpeg() -> bytes:

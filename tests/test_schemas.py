@@ -33,6 +33,7 @@ def _image_row(**kw):
         "original_height": 4,
         "image": b"\xff\xd8",
         "exif": None,
+        "source": None,
     }
     row.update(kw)
     return row

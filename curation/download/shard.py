@@ -109,15 +109,10 @@ class CheckedResizer(Resizer):
         return out
 
 
-def download_shard(rows: pa.Table, out_dir: Path, params) -> pa.Table:
-    """Run img2dataset's Downloader over `rows` (url, caption, ...); return its output table (status per row)."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.mkdir(parents=True)
-    shard = out_dir / "shard.arrow"
-    with pa.OSFile(str(shard), "wb") as f, pa.ipc.new_file(f, rows.schema) as w:
-        w.write_table(rows)
-    p = params
-    resizer = CheckedResizer(
+def make_resizer(p) -> CheckedResizer:
+    """img2dataset's resizer with ingest's settings (`p`: image_size, resize_mode, resize_only_if_bigger,
+    encode_quality, max_pixels), JPEG out; shared by ingest and the read_* sources that resize."""
+    return CheckedResizer(
         p.max_pixels,
         image_size=p.image_size,
         resize_mode=p.resize_mode,
@@ -133,6 +128,17 @@ def download_shard(rows: pa.Table, out_dir: Path, params) -> pa.Table:
         max_aspect_ratio=float("inf"),
         blurrer=None,
     )
+
+
+def download_shard(rows: pa.Table, out_dir: Path, params) -> pa.Table:
+    """Run img2dataset's Downloader over `rows` (url, caption, ...); return its output table (status per row)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    shard = out_dir / "shard.arrow"
+    with pa.OSFile(str(shard), "wb") as f, pa.ipc.new_file(f, rows.schema) as w:
+        w.write_table(rows)
+    p = params
+    resizer = make_resizer(p)
     policy = GuardPolicy(
         allow_loopback=p.allow_loopback,
         allow_private=p.allow_private,

@@ -150,7 +150,10 @@ def _link_columns(stages: dict[str, Stage], where: str) -> list[str]:
     for name, st in stages.items():
         wanted = st.op.required_columns(st.params) | st.op.optional_columns(st.params) | {"uid", "url", "caption"}
         st.lineage = resolve(
-            st.after, wanted, lambda s: set(arrow_schema(stages[s].op.output).names), lambda s: stages[s].after
+            st.after,
+            wanted,
+            lambda s: set(arrow_schema(stages[s].op.output_model(stages[s].params)).names),
+            lambda s: stages[s].after,
         )
         missing = sorted(st.op.required_columns(st.params) - set(st.lineage))
         if missing:

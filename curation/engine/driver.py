@@ -15,7 +15,7 @@ from pathlib import Path
 
 from curation.engine.config import Pipeline, Stage
 from curation.engine.store import StageDir, atomic_write_json, read_json, storage_error
-from curation.engine.workers import aggregate, build_op, init_ray, map_parts, prepare
+from curation.engine.workers import aggregate, build_op, init_ray, map_parts, prepare, unschedulable
 from curation.ops.base import Op
 
 Progress = Callable[[str, int, int, str], None]  # (stage, parts done, parts total, phase)
@@ -164,6 +164,8 @@ def run_stage(pipeline: Pipeline, name: str, run_dir: Path, progress: Progress, 
     sd.clean_temp()
     sd.manifest_path.unlink(missing_ok=True)
 
+    if why := unschedulable(stage):
+        raise StageFailed(why)
     errors: list[str] = []
     timings: dict[str, float] = {}
     for phase in PHASES:

@@ -84,7 +84,7 @@ def _process(op: Op, stage: Stage, run_dir: str, part: str, sd: StageDir, t0: fl
     where = f"stage '{stage.name}' part {part}"
     return sd.commit(
         part,
-        conform(out, op.output, where),
+        conform(out, op.output_model(op.params), where),
         conform(rejects, Reject, where + " rejects"),
         rows_in,
         started=round(t0, 3),
@@ -103,7 +103,7 @@ def _retry(op: Op, stage: Stage, run_dir: str, part: str, sd: StageDir, t0: floa
         return sd.done(part)
     new_out, new_rej = op.retry(part, todo)
     where = f"stage '{sd.stage}' part {part} retry"
-    out = pa.concat_tables([old_out, conform(new_out, op.output, where)]).sort_by("uid")
+    out = pa.concat_tables([old_out, conform(new_out, op.output_model(op.params), where)]).sort_by("uid")
     rejects = pa.concat_tables([old_rej.filter(pc.invert(mask)), conform(new_rej, Reject, where)])
     rows_in = sd.done(part)["rows_in"]
     sd.uncommit(part)
@@ -189,6 +189,22 @@ class _PartActor:
     def __del__(self):
         if getattr(self, "op", None) is not None:
             self.op.teardown()
+
+
+def unschedulable(stage: Stage) -> str | None:
+    """Why Ray could never place one of the stage's workers (it would wait forever), or None: a worker asks for more
+    CPUs or GPUs than the largest node of the cluster has."""
+    res = stage.resources
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for kind, asked in (("CPU", res.num_cpus), ("GPU", res.num_gpus)):
+        most = max((n.get(kind, 0) for n in nodes), default=0)
+        if asked > most:
+            key = f"num_{kind.lower()}s"
+            return (
+                f"stage '{stage.name}' asks for {key} {asked:g} per worker and the largest node of the Ray cluster "
+                f"has {most:g}; set resources.{key} in the pipeline file or add bigger nodes"
+            )
+    return None
 
 
 def map_parts(

@@ -100,6 +100,20 @@ def stages_of(f: Path, chain=_chain) -> tuple[dict, ...]:
     return (*(stages_of(source, chain) if source else ()), *chain(f.parent.resolve()))
 
 
+def _source_columns(f: Path, names: list[str]) -> list[str]:
+    """What a source stage kept of where a sample came from: its file (source) and the declared metadata columns
+    (meta_*), of the file itself or of the run dir's source stage before it."""
+    found = set(names)
+    if _is_stage(f.parent):
+        for st in _chain(f.parent.resolve()):
+            part = f.parent.parent / st["stage"] / f.name
+            if part.exists() and st["stage"] != f.parent.name:
+                found |= set(pq.read_schema(part).names)
+    return [c for c in ("source", "coco_id", "captions") if c in found] + sorted(
+        c for c in found if c.startswith("meta_")
+    )
+
+
 @dataclass(frozen=True)
 class Part:
     file: Path
@@ -122,7 +136,8 @@ def plan(paths: list[Path], stages: list[str] | None = None) -> list[Part]:
         names = pq.read_schema(f).names
         key = "id" if "conversations" in names else "uid"
         # an instruction's own fields from its own file: an earlier stage's `model` or `source` means something else
-        wanted = [*IMAGE, *(c for c in INSTRUCTION if key == "id" and c in names), *LINEAGE]
+        wanted = [*IMAGE, *_source_columns(f, names), *(c for c in INSTRUCTION if key == "id" and c in names)]
+        wanted += LINEAGE
         own, _, extra = _where(f, [*wanted, "image"])
         if missing := [c for c in dict.fromkeys([key, "uid", "image"]) if c not in own + extra]:
             raise ValueError(f"{f}: no {', '.join(missing)} for its rows (not in the file nor in a stage before it)")

@@ -14,6 +14,15 @@ from curation.engine.store import atomic_write_parquet
 from curation.export.mixture import export_samples
 
 
+def image_ext(data: bytes) -> str:
+    """The member extension for encoded image bytes (sources that keep bytes as they are may hold PNG or WebP)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "jpg"
+
+
 def refuse_old_shards(out: Path, pattern: str) -> None:
     """A folder that already holds shards would mix them with these (readers glob the folder)."""
     if out.is_dir() and (old := sorted(out.glob(pattern))):
@@ -63,7 +72,7 @@ def export_webdataset(
                 sink.write(
                     {
                         "__key__": row["key"],
-                        "jpg": image,
+                        image_ext(image): image,
                         "txt": (row.get("caption") or "").encode(),
                         "json": json.dumps(row, ensure_ascii=False).encode(),
                     }

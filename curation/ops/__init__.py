@@ -11,6 +11,10 @@ from curation.ops.ingest import Ingest
 from curation.ops.instruct import Instruct
 from curation.ops.match_concepts import MatchConcepts
 from curation.ops.pseudo_caption import PseudoCaption
+from curation.ops.read_coco import ReadCoco
+from curation.ops.read_folder import ReadFolder
+from curation.ops.read_parquet import ReadParquet
+from curation.ops.read_webdataset import ReadWebDataset
 from curation.ops.recaption import Recaption
 from curation.ops.semdedup import SemDedup
 
@@ -18,6 +22,10 @@ OPS: dict[str, type[Op]] = {
     op.name: op
     for op in (
         Ingest,
+        ReadWebDataset,
+        ReadParquet,
+        ReadFolder,
+        ReadCoco,
         Dedup,
         Filter,
         Embed,

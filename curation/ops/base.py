@@ -84,6 +84,11 @@ class Op(ABC):
         return 0 if cls.is_source() else 1
 
     @classmethod
+    def output_model(cls, params: Params) -> type[Row]:
+        """The row model of the stage's output: `output`, plus what the params declare (a source's metadata)."""
+        return cls.output
+
+    @classmethod
     def required_columns(cls, params: Params) -> set[str]:
         """Columns the op reads; each comes from the nearest stage before it that wrote it (checked at config time)."""
         return set()

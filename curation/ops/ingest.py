@@ -6,26 +6,20 @@ import hashlib
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from curation.download.reasons import TRANSIENT, download_failure, split_reason
-from curation.engine.store import make_rejects
+from curation.engine.store import atomic_write_json, make_rejects, read_json
 from curation.ops.base import Op, Params, Placement
-from schemas import Image, arrow_schema
+from curation.sources import metadata as meta
+from curation.sources.files import TABLE_SUFFIXES, find_files, stat_fingerprint
+from curation.sources.tables import INVALID, header, iter_tables
+from schemas import Image, Row, arrow_schema
 
 _SCHEMES = ("http://", "https://")
-
-
-def _text(col: pa.ChunkedArray) -> pa.Array:
-    """A column as strings; bytes that are not UTF-8 (a CSV's or a binary column's) become U+FFFD, which filter
-    rejects as caption_encoding (a cast would fail the whole stage on one bad row)."""
-    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
-        return pa.array([None if v is None else v.decode("utf-8", "replace") for v in col.to_pylist()], pa.string())
-    return col.cast(pa.string())
 
 
 def make_uid(url: str | None, caption: str | None) -> str:
@@ -34,9 +28,16 @@ def make_uid(url: str | None, caption: str | None) -> str:
 
 
 class IngestParams(Params):
-    urls: str = Field(description="URL list: .parquet or .csv with url (and caption) columns")
+    urls: str | list[str] = Field(
+        description="URL list: a file, a folder of files or a glob (Parquet, CSV, TSV, CSV/TSV.GZ, JSONL, JSONL.GZ) "
+        "with url (and caption) columns; many files are one list, in path order"
+    )
     url_col: str = "url"
     caption_col: str | None = "caption"
+    column_names: list[str] | None = Field(
+        None, description="the columns of CSV/TSV files without a header row (CC3M's TSV: [caption, url])"
+    )
+    metadata: dict[str, meta.MetaType] = Field({}, description=meta.METADATA_DOC)
     shard_size: int | None = Field(
         None, ge=1, description="URLs per part; default: n/16 within [100, 1000], so every core stays busy"
     )
@@ -76,7 +77,14 @@ class IngestParams(Params):
     )
 
     # at these values the fields give the behaviour from before they existed (no opt-out check)
-    ADDED_LATER: ClassVar[dict] = {"disallowed_header_directives": [], "user_agent_token": None}
+    ADDED_LATER: ClassVar[dict] = {
+        "disallowed_header_directives": [],
+        "user_agent_token": None,
+        "column_names": None,
+        "metadata": {},
+    }
+
+    _metadata = field_validator("metadata")(meta.check)
 
 
 class Ingest(Op):
@@ -104,54 +112,90 @@ class Ingest(Op):
             return {"opt_outs": "off"}
         return {"opt_outs": {"honoured": p.disallowed_header_directives, "user_agent_token": p.user_agent_token}}
 
+    @classmethod
+    def output_model(cls, params: IngestParams) -> type[Row]:
+        return meta.with_metadata(Image, params.metadata)
+
+    def _files(self) -> list[Path]:
+        return find_files(self.params.urls, TABLE_SUFFIXES, "URL list")
+
     def input_fingerprint(self) -> str:
+        """A single file: its bytes' hash (as before sharded lists); several: their names, sizes and times."""
+        files = self._files()
+        if len(files) > 1:
+            return stat_fingerprint(files)
         h = hashlib.sha256()
-        with open(self.params.urls, "rb") as f:
+        with open(files[0], "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         return h.hexdigest()[:16]
 
-    def _read_urls(self) -> pa.Table:
-        p = self.params
-        path = Path(p.urls)
-        table = pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
-        if p.url_col not in table.column_names:
-            raise ValueError(f"{path}: no column '{p.url_col}' (columns: {table.column_names}); set params.url_col")
-        url = _text(table.column(p.url_col))
-        cap = (
-            _text(table.column(p.caption_col))
-            if p.caption_col in table.column_names
-            else pa.nulls(len(table), pa.string())
-        )
-        uids = [make_uid(u, c) for u, c in zip(url.to_pylist(), cap.to_pylist())]
-        return pa.table({"uid": uids, "url": url, "caption": cap})
-
     def plan(self) -> list[str]:
-        """Shard the URL list in order into Arrow IPC files (img2dataset's shard format)."""
-        table = self._read_urls()
-        seen: set[str] = set()
-        dup = []
-        for u in table.column("uid").to_pylist():
-            dup.append(u in seen)
-            seen.add(u)
-        table = table.append_column("repeat", pa.array(dup))
-        size = self.params.shard_size or min(1000, max(100, -(-len(table) // 16)))
-        parts = []
-        for i, start in enumerate(range(0, max(len(table), 1), size)):
-            name = f"part-{i:05d}"
-            path = self.work / "plan" / f"{name}.arrow"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-                w.write_table(table.slice(start, size))
-            parts.append(name)
-        return parts
+        """Stream every file of the list, in order, into one Arrow IPC file of uid, url, caption and metadata (a
+        batch at a time: the driver holds 8 bytes per row, for the repeated-row check); parts are row ranges of it."""
+        p = self.params
+        files = self._files()
+        wanted = pa.schema(
+            [(p.url_col, pa.string()), *([(p.caption_col, pa.string())] if p.caption_col else [])]
+            + [f for f in meta.schema(p.metadata) if f.name not in (p.url_col, p.caption_col)]
+        )
+        out = arrow_schema(self.output_model(p))
+        schema = pa.schema(
+            [("uid", pa.string()), ("url", pa.string()), ("caption", pa.string()), (INVALID, pa.string())]
+            + [out.field(meta.column(k)) for k in p.metadata]
+        )
+        keys, valid, seen_meta = [], [], set()
+        (self.work / "plan").mkdir(parents=True, exist_ok=True)
+        with pa.OSFile(str(self.work / "plan" / "rows.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+            for f in files:
+                names = header(f, p.column_names)
+                if p.url_col not in names:
+                    raise ValueError(f"{f}: no column '{p.url_col}' (columns: {names}); set params.url_col")
+                seen_meta |= set(names) & set(p.metadata)
+                for t in iter_tables(f, wanted, p.column_names):
+                    url = t.column(p.url_col)
+                    cap = t.column(p.caption_col) if p.caption_col else pa.nulls(len(t), pa.string())
+                    bad = t.column(INVALID)
+                    uids = [
+                        make_uid(u, c) if b is None else None
+                        for u, c, b in zip(url.to_pylist(), cap.to_pylist(), bad.to_pylist())
+                    ]
+                    keys.append(np.array([int(u, 16) if u else 0 for u in uids], np.uint64))
+                    valid.append(pc.is_null(bad).to_numpy(zero_copy_only=False))
+                    cols = {"uid": uids, "url": url, "caption": cap, INVALID: bad, **meta.rename(t, p.metadata)}
+                    w.write_table(pa.table(cols, schema))
+        if missing := sorted(set(p.metadata) - seen_meta):
+            raise ValueError(f"metadata {missing}: no such column in any file of {p.urls}")
+        keys_all = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+        valid_all = np.concatenate(valid) if valid else np.zeros(0, bool)
+        at = np.flatnonzero(valid_all)
+        _, first = np.unique(keys_all[at], return_index=True)
+        repeat = np.ones(len(at), bool)
+        repeat[first] = False
+        np.save(self.work / "plan" / "repeats.npy", at[repeat].astype(np.int64))
+        n = len(keys_all)
+        size = p.shard_size or min(1000, max(100, -(-n // 16)))
+        ranges = {f"part-{i:05d}": [start, min(start + size, n)] for i, start in enumerate(range(0, max(n, 1), size))}
+        atomic_write_json(self.work / "plan" / "parts.json", ranges)
+        return list(ranges)
 
     def part_size(self, part: str) -> int:
         return self._plan(part).num_rows
 
     def _plan(self, part: str) -> pa.Table:
-        with pa.memory_map(str(self.work / "plan" / f"{part}.arrow")) as f:
-            return pa.ipc.open_file(f).read_all()
+        """A part's rows of the plan, with `repeat` (same uid as an earlier row of the whole list)."""
+        ranges = read_json(self.work / "plan" / "parts.json")
+        if ranges is None:  # planned before sharded lists: one file per part, repeat included
+            with pa.memory_map(str(self.work / "plan" / f"{part}.arrow")) as f:
+                return pa.ipc.open_file(f).read_all()
+        start, stop = ranges[part]
+        with pa.memory_map(str(self.work / "plan" / "rows.arrow")) as f:
+            rows = pa.ipc.open_file(f).read_all().slice(start, stop - start)
+        repeats = np.load(self.work / "plan" / "repeats.npy")
+        here = repeats[(repeats >= start) & (repeats < stop)] - start
+        flag = np.zeros(stop - start, bool)
+        flag[here] = True
+        return rows.append_column("repeat", pa.array(flag))
 
     def process(self, part: str, table=None) -> tuple[pa.Table, pa.Table]:
         return self._download(part, self._plan(part))
@@ -164,27 +208,32 @@ class Ingest(Op):
         """Refuse bad input rows, download the rest through img2dataset's Downloader, convert to our rows."""
         url = rows.column("url")
         repeat = rows.column("repeat")
+        invalid = pc.is_valid(rows.column(INVALID)) if INVALID in rows.column_names else pa.repeat(False, len(rows))
         no_url = pc.fill_null(pc.equal(pc.utf8_length(url), 0), True)
         low = pc.utf8_lower(url)  # schemes are case-insensitive (RFC 3986): HTTP://... is fetched
         bad_scheme = pc.invert(
             pc.fill_null(pc.or_(pc.starts_with(low, _SCHEMES[0]), pc.starts_with(low, _SCHEMES[1])), False)
         )
+        fresh = pc.invert(pc.or_(repeat, invalid))
+        malformed = rows.filter(invalid)
         rejects = [
+            make_rejects(malformed, self.stage, "malformed_row", malformed.column(INVALID).to_pylist()),
             make_rejects(
                 rows.filter(repeat), self.stage, "duplicate_input_row", "same url and caption as an earlier row"
             ),
-            make_rejects(rows.filter(pc.and_(pc.invert(repeat), no_url)), self.stage, "missing_url"),
+            make_rejects(rows.filter(pc.and_(fresh, no_url)), self.stage, "missing_url"),
             make_rejects(
-                rows.filter(pc.and_not(pc.and_not(bad_scheme, no_url), repeat)),
+                rows.filter(pc.and_(fresh, pc.and_not(bad_scheme, no_url))),
                 self.stage,
                 "unsupported_scheme",
                 "only http(s) URLs are downloaded",
             ),
         ]
-        todo = rows.filter(pc.invert(pc.or_(repeat, bad_scheme)))
+        todo = rows.filter(pc.and_not(fresh, bad_scheme))
+        schema = arrow_schema(self.output_model(self.params))
         if todo.num_rows == 0:
-            return arrow_schema(Image).empty_table(), pa.concat_tables(rejects)
-        got = self.download_shard(todo, self.work / f"{tag}-{part}", self.params)
+            return schema.empty_table(), pa.concat_tables(rejects)
+        got = self.download_shard(todo.select(["uid", "url", "caption"]), self.work / f"{tag}-{part}", self.params)
         ok = got.filter(pc.equal(got.column("status"), "success"))
         failed = got.filter(pc.not_equal(got.column("status"), "success")).to_pylist()
         reasons, details = [], []
@@ -194,6 +243,7 @@ class Ingest(Op):
             reasons.append(reason)
             details.append(detail[:300])
         rejects.append(make_rejects(failed, self.stage, reasons, details))
+        at = pc.index_in(ok.column("uid"), value_set=todo.column("uid"))  # the list's metadata of each image
         images = pa.table(
             {
                 "uid": ok.column("uid"),
@@ -206,6 +256,8 @@ class Ingest(Op):
                 "original_height": ok.column("original_height"),
                 "image": ok.column("jpg"),
                 "exif": ok.column("exif"),
+                "source": pa.nulls(ok.num_rows, pa.string()),
+                **{c: todo.column(c).take(at) for c in schema.names if c.startswith(meta.PREFIX)},
             }
         ).sort_by("uid")
         return images, pa.concat_tables(rejects).sort_by([("reason", "ascending"), ("uid", "ascending")])

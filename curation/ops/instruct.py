@@ -69,7 +69,7 @@ class Instruct(SynthOp):
 
     @classmethod
     def optional_columns(cls, params: InstructParams) -> set[str]:
-        return {"recaption"}  # a recaption stage before it (in `after`) adds its caption to the context
+        return super().optional_columns(params) | {"recaption"}  # a recaption stage before it adds its caption
 
     @staticmethod
     def _recaptioned(params: InstructParams) -> bool:
@@ -79,9 +79,9 @@ class Instruct(SynthOp):
     def asks_model(self) -> bool:
         return self.params.kind != "caption"
 
-    @staticmethod
-    def captions(row: dict) -> list[str]:
-        return [c for c in (row["caption"], row.get("recaption")) if c]
+    @classmethod
+    def captions(cls, row: dict) -> list[str]:
+        return [*cls.alt_texts(row), *([row["recaption"]] if row.get("recaption") else [])]
 
     def rules(self, rows: list[dict]) -> list[Outcome]:
         if self.params.kind == "caption":

@@ -45,7 +45,7 @@ class Recaption(SynthOp):
         out = []
         for r in rows:
             objects = self.ann.objects.get(r["url"])
-            text = describe(objects, [r["caption"]] if r["caption"] else []) if objects else None
+            text = describe(objects, self.alt_texts(r)) if objects else None
             out.append(
                 Outcome([{"from": "human", "value": ""}, {"from": "gpt", "value": text}])
                 if text
@@ -55,7 +55,7 @@ class Recaption(SynthOp):
 
     def ask(self, rows: list[dict]) -> list[Outcome]:
         msgs = [
-            image_message(self.prompt.messages(context([r["caption"]], self.ann.boxes(r["url"]))), r["image"])
+            image_message(self.prompt.messages(context(self.alt_texts(r), self.ann.boxes(r["url"]))), r["image"])
             for r in rows
         ]
         return self.client.outcomes(self.prompt, [r["uid"] for r in rows], msgs, self.task, lang=self.params.lang)

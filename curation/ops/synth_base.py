@@ -26,6 +26,15 @@ class SynthOp(Op):
     def required_columns(cls, params: LLMParams) -> set[str]:
         return {"uid", "url", "caption"}
 
+    @classmethod
+    def optional_columns(cls, params: LLMParams) -> set[str]:
+        return {"captions"}  # every caption of the image, where the source has several (read_coco)
+
+    @staticmethod
+    def alt_texts(row: dict) -> list[str]:
+        """The image's own captions: all of them where the source kept several (COCO's five), else its alt-text."""
+        return [c for c in row.get("captions") or [row["caption"]] if c]
+
     def setup(self) -> None:
         """Prompt and client (each part loads its own boxes); backend vllm builds its engine here, once per actor."""
         self.prompt = load_prompt(self.params.prompt_dir(self.task)) if self.asks_model else None

@@ -1,4 +1,5 @@
-"""Boxes per image (LLaVA used COCO's): a Parquet of url and objects [{category, color, box}], normalised to 0-1."""
+"""Boxes per image (LLaVA used COCO's): a Parquet of url and objects [{category, color, box}], normalised to 0-1, or
+a COCO instances_*.json read as that table (curation.sources.coco)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from curation.sources import coco
 
 
 @dataclass
@@ -23,7 +26,7 @@ class Annotations:
         (loading every row for every part made synthesis stages grow as N^2)."""
         if path is None:
             return cls({}, {})
-        t = pq.read_table(path)
+        t = coco.annotations_table(path) if str(path).lower().endswith(".json") else pq.read_table(path)
         if not {"url", "objects"} <= set(t.column_names):
             raise ValueError(f"{path}: annotations need columns url and objects [{{category, color, box}}]")
         flat = pc.list_flatten(t.column("objects"))

@@ -37,7 +37,7 @@ class LLMParams(Params):
     annotations: str | None = Field(
         None,
         description="Parquet of url, objects [{category, color, box}] (+ width, "
-        "height when boxes are in pixels): LLaVA's boxes",
+        "height when boxes are in pixels), or a COCO instances_*.json (read_coco's images): LLaVA's boxes",
     )
     vllm: VLLMEngine | None = Field(
         None,
