@@ -47,7 +47,13 @@ def pipeline(web: Path, vocab: Path, fraction: float | None) -> dict:
     stages = {
         "ingest": {
             "op": "ingest",
-            "params": {"urls": str(web / "urls.parquet"), "image_size": IMAGE_SIZE, "allow_loopback": True},
+            # a generous timeout: on a loaded machine (CI) a slow answer must not change the pool the arms draw from
+            "params": {
+                "urls": str(web / "urls.parquet"),
+                "image_size": IMAGE_SIZE,
+                "allow_loopback": True,
+                "timeout": 30,
+            },
         },
         "dedup": {"op": "dedup", "after": ["ingest"], "params": {"max_distance": 6}},
         "filter": {"op": "filter", "after": ["dedup"], "params": {"languages": ["en"]}},
