@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from curation.cli_assets import fixtures_app, models_app, schema_app, vocab_app
-from curation.cli_export import export_app
+from curation.cli_export import export_app, import_app
 from curation.cli_util import fail, progress
 
 # plain tracebacks: rich's would wrap paths at the terminal width and print every local variable
@@ -27,6 +27,7 @@ for sub, name in (
     (fixtures_app, "fixtures"),
     (models_app, "models"),
     (export_app, "export"),
+    (import_app, "import"),
 ):
     app.add_typer(sub, name=name)
 

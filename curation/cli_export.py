@@ -1,4 +1,5 @@
-"""`curate export ...`: a run's data (LLaVA JSON, WebDataset, HF datasets) and trained checkpoints out."""
+"""`curate export ...`: a run's data (LLaVA JSON, WebDataset, HF datasets) and trained checkpoints out; `curate
+import ...`: external instruction data in."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import typer
 from curation.cli_util import fail
 
 export_app = typer.Typer(help="Export a run's data (and trained checkpoints) to other formats.", no_args_is_help=True)
+import_app = typer.Typer(
+    help="Bring external instruction data in, as shards of this project's schema.", no_args_is_help=True
+)
 
 
 _EXPORT_PATHS = "a run dir (its instruct stages, or those --stage names), stage dirs or Parquet shards"
@@ -79,5 +83,25 @@ def export_hf(
 
     try:
         print(json.dumps({"hf_checkpoint": str(export_trained(out, to))}))
+    except (OSError, ValueError) as e:
+        fail(str(e))
+
+
+@import_app.command("llava-json")
+def import_llava(
+    file: Path = typer.Argument(..., help="a LLaVA-format JSON file: [{id, image, conversations}]"),
+    images: Path = typer.Option(..., help="the folder its `image` paths are relative to"),
+    out: Path = typer.Option(..., help="an empty folder for part-NNNNN.parquet shards (ImageInstruction rows)"),
+    kind: str = typer.Option("imported", help="the samples' kind"),
+    shard_size: int = typer.Option(10_000, help="samples per shard"),
+):
+    """Write a LLaVA-format set as instruction shards with their images (ids kept, uids stable), checked as our own
+    samples are; every sample that fails is a reject in OUT/rejects.parquet with a reason."""
+    from curation.sources.llava_json import import_llava_json
+
+    if shard_size < 1:
+        fail(f"--shard-size must be at least 1, got {shard_size}")
+    try:
+        print(json.dumps(import_llava_json(file, images, out, kind, shard_size), indent=2))
     except (OSError, ValueError) as e:
         fail(str(e))

@@ -199,8 +199,10 @@ class Instruction(Row):
     conversations: list[Turn] = Field(description="human/gpt turns; <image> once, in the first human turn")
     model: str = Field(description="what wrote the gpt turns: an LLM, 'rules', or (kind caption) the recaption's model")
     prompt_version: str = Field(description="hash of the prompt folder (kind caption: the recaption's prompt)")
-    source: Literal["generated", "recaption", "alt_text"] = Field(
-        "generated", description="where the gpt turns come from: generated for this kind, or a caption as it was"
+    source: Literal["generated", "recaption", "alt_text", "imported"] = Field(
+        "generated",
+        description="where the gpt turns come from: generated for this kind, a caption as it was, or an external "
+        "LLaVA-format set (curate import llava-json)",
     )
 
 
