@@ -38,15 +38,15 @@ def header(path: Path, column_names: list[str] | None = None) -> list[str]:
     if kind.startswith((".csv", ".tsv")):
         with _open_text(path) as f:
             return next(csv.reader(f, delimiter="\t" if kind.startswith(".tsv") else ","), [])
-    with _open_text(path) as f:  # JSONL: the keys of the first parseable line, plus any later ones seen
-        for line in f:
+    keys: dict[str, None] = {}
+    with _open_text(path) as f:  # JSONL: the keys of its first 1,000 lines, in order of appearance
+        for _, line in zip(range(1000), f):
             try:
                 obj = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(obj, dict):
-                return list(obj)
-    return []
+            keys |= dict.fromkeys(obj) if isinstance(obj, dict) else {}
+    return list(keys)
 
 
 def iter_tables(path: Path, schema: pa.Schema, column_names: list[str] | None = None) -> Iterator[pa.Table]:
