@@ -26,6 +26,8 @@ EXPECTED = {
     "two-tokens": "image_token_in_text",
     "empty": "empty_turn",
     "no-turns": "malformed_sample",
+    "question-last": "roles_not_alternating",
+    "surrogate": "malformed_sample",
     "broken-truncated": "truncated_image",
     "broken-html": "not_an_image",
     "broken-empty": "empty_body",
@@ -46,7 +48,7 @@ def test_every_sample_is_a_row_or_a_reject_with_its_reason(imported):
     records = json.loads(path.read_text())
     rows = pa.concat_tables([pq.read_table(f) for f in sorted((d / "out").glob("part-*.parquet"))])
     rej = pq.read_table(d / "out" / "rejects.parquet")
-    assert summary["samples_in"] == len(records) == rows.num_rows + rej.num_rows and summary["shards"] > 1
+    assert summary["in"] == len(records) == rows.num_rows + rej.num_rows and summary["shards"] > 1
     conform(rows, ImageInstruction)
     got = Counter(rej.column("reason").to_pylist())
     want = Counter(EXPECTED.values()) + Counter({"malformed_sample": 1})  # and the record that is not an object
@@ -60,8 +62,8 @@ def test_ids_uids_images_and_the_image_token(imported):
     records = [r for r in json.loads(path.read_text()) if isinstance(r, dict) and r.get("id") not in EXPECTED]
     rows = pa.concat_tables([pq.read_table(f) for f in sorted((d / "out").glob("part-*.parquet"))]).to_pylist()
     assert len({r["id"] for r in rows}) == len(rows) == len(records)
-    first = rows[0]["id"].rsplit("-", 1)[0]
-    assert [r["id"] for r in rows[:2]] == [f"{first}-1", f"{first}-2"]  # an id used twice, made unique in order
+    first = rows[0]["id"]
+    assert [r["id"] for r in rows[:2]] == [first, f"{first}-1"]  # an id used twice: the later one made unique
     assert rows[0]["uid"] == rows[1]["uid"]  # one image, one uid
     for r, rec in zip(rows, records, strict=True):
         assert r["image"] == (d / "set" / "images" / rec["image"]).read_bytes()
@@ -80,7 +82,7 @@ def test_imported_shards_export_back_and_feed_the_trainer(imported):
     _, d, _ = imported
     parts = sorted((d / "out").glob("part-*.parquet"))
     assert shard_files(d / "out") == parts  # the trainer's loader takes them as they are
-    export_llava_json(parts, d / "back" / "llava.json")
+    export_llava_json([d / "out"], d / "back" / "llava.json")  # the folder reads as a stage
     back = {r["id"]: r for r in json.loads((d / "back" / "llava.json").read_text())}
     rows = {r["id"]: r for p in parts for r in pq.read_table(p).to_pylist()}
     assert back.keys() == rows.keys()
@@ -96,7 +98,7 @@ def test_the_cli_and_its_errors(imported, tmp_path):
         app, ["import", "llava-json", str(path), "--images", str(d / "set" / "images"), "--out", str(tmp_path / "o")]
     )
     assert ok.exit_code == 0, ok.output
-    assert json.loads(ok.output)["imported"] > 0
+    assert json.loads(ok.output)["out"] > 0
     again = runner.invoke(
         app, ["import", "llava-json", str(path), "--images", str(d / "set" / "images"), "--out", str(tmp_path / "o")]
     )
@@ -112,3 +114,16 @@ def test_the_cli_and_its_errors(imported, tmp_path):
         app, ["import", "llava-json", str(bad), "--images", str(tmp_path), "--out", str(tmp_path / "b")]
     )
     assert res.exit_code != 0 and "a list of samples" in res.output
+
+
+def test_repeated_ids_never_collide_with_ids_the_file_has(tmp_path):
+    from curation.fixtures.sources import encode_png
+
+    (tmp_path / "i").mkdir()
+    (tmp_path / "i" / "x.png").write_bytes(encode_png())
+    turn = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A square."}]
+    recs = [{"id": i, "image": "x.png", "conversations": turn} for i in ("a", "a", "a-1", 7, 7)]
+    (tmp_path / "s.json").write_text(json.dumps(recs))
+    import_llava_json(tmp_path / "s.json", tmp_path / "i", tmp_path / "o")
+    ids = pq.read_table(tmp_path / "o" / "part-00000.parquet").column("id").to_pylist()
+    assert ids == ["a", "a-2", "a-1", "7", "7-1"]

@@ -36,6 +36,8 @@ def _turns(conversations) -> tuple[list[dict] | None, tuple[str, str] | None]:
         if not t["value"].strip():
             return None, ("empty_turn", f"turn {i} is empty")
         turns.append({"from": t["from"], "value": t["value"]})
+    if turns[-1]["from"] != "gpt":
+        return None, ("roles_not_alternating", f"ends on a human turn (turn {len(turns) - 1}): no answer to it")
     first = turns[0]["value"]
     if first.count(IMAGE) == 1 and not first.startswith(IMAGE):
         turns[0]["value"] = f"{IMAGE}\n" + first.replace(IMAGE, "").strip()
@@ -45,7 +47,8 @@ def _turns(conversations) -> tuple[list[dict] | None, tuple[str, str] | None]:
 
 
 def import_llava_json(path: Path, images: Path, out: Path, kind: str = "imported", shard_size: int = 10_000) -> dict:
-    """Write OUT/part-NNNNN.parquet (ImageInstruction rows), OUT/rejects.parquet and OUT/_import.json."""
+    """Write OUT/part-NNNNN.parquet (ImageInstruction rows, shard_size each, written as they fill), OUT/rejects.parquet
+    and OUT/_manifest.json (counts; OUT reads as a stage folder)."""
     raw = Path(path).read_bytes()
     try:
         data = json.loads(raw)
@@ -56,41 +59,47 @@ def import_llava_json(path: Path, images: Path, out: Path, kind: str = "imported
     if out.exists() and any(out.glob("part-*.parquet")):
         raise ValueError(f"{out} already holds shards: choose an empty --out")
     version = hashlib.sha256(raw).hexdigest()[:12]
-    root = Path(images).resolve()
+    root = Path(images)
     check = ImageReader(ImageOptions())
-    ids = Counter(str(r.get("id")) for r in data if isinstance(r, dict) and r.get("id") is not None)
-    seen: Counter = Counter()
-    cache: dict[str, bytes | tuple[str, str]] = {}  # an image shared by several samples is read and checked once
-    rows, bad = [], []
+    taken = {str(r["id"]) for r in data if isinstance(r, dict) and r.get("id") is not None}
+    used: set[str] = set()
+    verdict: dict[str, tuple[str, str] | None] = {}  # an image shared by several samples is checked once
+    out.mkdir(parents=True, exist_ok=True)
+    schema = arrow_schema(ImageInstruction)
+    rows, bad, shards, n_rows, uids = [], [], 0, 0, set()
+
+    def flush() -> None:
+        nonlocal shards
+        table = pa.Table.from_pylist(rows, schema=schema)
+        atomic_write_parquet(conform(table, ImageInstruction, str(path)), out / f"part-{shards:05d}.parquet")
+        shards += 1
+        rows.clear()
+
     for i, rec in enumerate(data):
         image = rec.get("image") if isinstance(rec, dict) else None
-        head = {"uid": make_uid(image if isinstance(image, str) else None, None), "url": str(image), "caption": None}
-        if not isinstance(rec, dict):
-            bad.append({**head, "reason": "malformed_sample", "detail": f"sample {i} is a JSON {type(rec).__name__}"})
-            continue
-        if isinstance(image, list):
-            if len(image) != 1:
-                reason = "no_image" if not image else "multiple_images"
-                bad.append({**head, "reason": reason, "detail": f"sample {i}: {len(image)} images; one is imported"})
-                continue
+        if isinstance(image, list) and len(image) == 1:
             image = image[0]
-            head["uid"], head["url"] = make_uid(image, None), str(image)
-        if not isinstance(image, str) or not image:
-            bad.append({**head, "url": None, "reason": "no_image", "detail": f"sample {i}: text only"})
-            continue
-        turns, why = _turns(rec.get("conversations"))
+        text = image if isinstance(image, str) and _unicode(image) else None
+        head = {"uid": make_uid(text, None), "url": text, "caption": None}
+        why = _sample_error(rec, image, i)
+        turns = None
         if why is None:
-            got = cache.get(image)
-            if got is None:
-                got = cache[image] = _read(root, image, check)
-            why = got if isinstance(got, tuple) else None
+            turns, why = _turns(rec.get("conversations"))
+        if why is None:
+            if image not in verdict:
+                verdict[image] = _check(root, image, check)
+            why = verdict[image]
         if why is not None:
             bad.append({**head, "reason": why[0], "detail": f"sample {i}: {why[1]}"[:300]})
             continue
-        sid = str(rec.get("id")) if rec.get("id") is not None else head["uid"]
-        seen[sid] += 1
-        if ids[sid] > 1 or rec.get("id") is None:
-            sid = f"{sid}-{seen[sid]}"  # repeated ids (mixes of several sets) made unique, in file order
+        sid = str(rec["id"]) if rec.get("id") is not None else head["uid"]
+        if sid in used:  # a repeated id (mixes of several sets): the next free <id>-<n>, in file order
+            n = 1
+            while f"{sid}-{n}" in taken or f"{sid}-{n}" in used:
+                n += 1
+            sid = f"{sid}-{n}"
+        used.add(sid)
+        uids.add(head["uid"])
         rows.append(
             {
                 "id": sid,
@@ -100,41 +109,62 @@ def import_llava_json(path: Path, images: Path, out: Path, kind: str = "imported
                 "model": "imported",
                 "prompt_version": version,
                 "source": "imported",
-                "image": got,
+                "image": (root / image).read_bytes(),
             }
         )
-    out.mkdir(parents=True, exist_ok=True)
-    schema = arrow_schema(ImageInstruction)
-    shards = 0
-    for shards, start in enumerate(range(0, len(rows), shard_size), 1):
-        table = pa.Table.from_pylist(rows[start : start + shard_size], schema=schema)
-        atomic_write_parquet(conform(table, ImageInstruction, str(path)), out / f"part-{shards - 1:05d}.parquet")
+        n_rows += 1
+        if len(rows) == shard_size:
+            flush()
+    if rows:
+        flush()
     rejects = make_rejects(bad, "import", [b["reason"] for b in bad], [b["detail"] for b in bad])
     atomic_write_parquet(rejects, out / "rejects.parquet")
-    summary = {
-        "source": str(path),
-        "prompt_version": version,
-        "samples_in": len(data),
-        "imported": len(rows),
+    counts = {
+        "in": len(data),
+        "out": n_rows,
         "rejected": len(bad),
         "rejected_by_reason": dict(Counter(b["reason"] for b in bad).most_common()),
-        "shards": shards,
-        "images": len({r["uid"] for r in rows}),
     }
-    atomic_write_json(out / "_import.json", summary)
+    summary = {"source": str(path), "prompt_version": version, "shards": shards, "images": len(uids), **counts}
+    # a stage folder's manifest: the exports and the trainer's loader take OUT as they take a stage of a run
+    atomic_write_json(
+        out / "_manifest.json", {"stage": out.name, "op": "import", "op_version": "1", "after": []} | summary
+    )
     return {"out": str(out), **summary}
 
 
-def _read(root: Path, image: str, check: ImageReader) -> bytes | tuple[str, str]:
-    """The image's bytes as they are, or (reason, detail)."""
-    path = (root / image).resolve()
-    if Path(image).is_absolute() or not path.is_relative_to(root):
-        return "path_outside_root", f"{image} is not under {root}"
+def _unicode(text: str) -> bool:
+    """Whether a JSON string is valid Unicode (JSON allows lone surrogates, which no file or Parquet can hold)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _sample_error(rec, image, i: int) -> tuple[str, str] | None:
+    """Why a record cannot be a sample before its turns are read: not an object, no image or several, a path
+    outside the image folder, text that is not Unicode."""
+    if not isinstance(rec, dict):
+        return "malformed_sample", f"a JSON {type(rec).__name__}, not an object"
+    if isinstance(image, list):
+        return ("multiple_images", f"{len(image)} images; one is imported") if image else ("no_image", "no image")
+    if not isinstance(image, str) or not image:
+        return "no_image", "text only"
+    if not _unicode(json.dumps(rec, ensure_ascii=False)):
+        return "malformed_sample", "text that is not valid Unicode (a lone surrogate)"
+    if Path(image).is_absolute() or ".." in Path(image).parts:  # as written: a symlinked folder inside is fine
+        return "path_outside_root", f"{image} is not under the image folder"
+    return None
+
+
+def _check(root: Path, image: str, check: ImageReader) -> tuple[str, str] | None:
+    """Why the image cannot be used (missing, unreadable, not a whole image), or None."""
+    path = root / image
     if not path.is_file():
         return "missing_file", f"{image}: no such file under {root}"
     try:
-        data = path.read_bytes()
+        got = check(path.read_bytes())
     except OSError as e:
         return "unreadable_file", str(e)[:200]
-    got = check(data)
-    return got if isinstance(got, tuple) else data
+    return got if isinstance(got, tuple) else None
