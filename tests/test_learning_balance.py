@@ -1,7 +1,7 @@
-"""Learning, balanced vs random (issue 16, item 7), at test size: the tiny model trained on the concept-balanced
-selection answers colour questions about tail compounds better than one trained on a uniform random selection of
-the same size, and loses less on the head than it gains on the tail (bench/learning_balance.py runs the full size
-over 3 seeds for RESULTS.md)."""
+"""Learning, balanced vs random (issue 16, item 7), at test size: the concept-balanced selection holds more of the
+tail than a uniform random one of the same size, and the tiny model trained on either learns colours through the
+image path. Whether balanced data teaches the tail better is measured by bench/learning_balance.py at full size
+over 3 seeds (bench/RESULTS.md): at this size the gain is within one run's noise (see below)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import pytest
 
 from bench.learning_balance import bucket_of, experiment
 
-# measured at this size (4,000 URLs, 400 steps, model seed 0), web seeds 11 / 12 / 13: tail gain +0.284 / +0.328 /
-# +0.229, head loss -0.028 / +0.061 / +0.007 (bench/RESULTS.md "Learning, balanced vs random")
-TAIL_GAIN = 0.1
+# At this size one training run per arm is too noisy to assert the gain: the tail gain measured at 4,000 URLs, 400
+# steps, model seed 0 was +0.284 / +0.328 / +0.229 for web seeds 11 / 12 / 13 in one checkout, +0.184 in another run
+# of web seed 11, and +0.05 / +0.01 in two fresh-clone CI runs (the pool differed by 2 rows at filter; the random
+# arm's tail accuracy moved from 0.27 to 0.47). The gain is measured where it is stable: bench/learning_balance.py,
+# 12,000 URLs, 3 seeds (bench/RESULTS.md "Learning, balanced vs random"). Here: the selection holds the tail, and
+# both arms learn through the image path.
+CHANCE = 1 / 9  # nine colours
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +50,9 @@ def test_the_balanced_selection_holds_more_tail_and_every_row_is_accounted(resul
 
 
 @pytest.mark.slow
-def test_balanced_data_teaches_the_tail_better_and_costs_the_head_less(result):
+def test_both_arms_learn_colours_through_the_image_path(result):
     m, h = result["mean"], result["held_out"]
     assert h["tail"] >= 60 and h["head"] >= 300  # enough held-out questions in each bucket
-    assert result["tail_gain"] >= TAIL_GAIN, m
-    assert result["head_loss"] < result["tail_gain"], m
-    assert m["balanced"]["tail"] > 1 / 9 + 0.2  # far above chance (9 colours): the image path is used
+    for arm in ("balanced", "random"):
+        assert m[arm]["all"] > CHANCE + 0.3 and m[arm]["head"] > CHANCE + 0.3, m  # the image path is used
+    assert m["balanced"]["tail"] > CHANCE + 0.2, m  # the tail it was given more of is learnt too

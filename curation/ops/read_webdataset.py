@@ -14,7 +14,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from curation.ops.local_source import LocalSource, LocalSourceParams, Sample
 from curation.sources.files import find_files
@@ -57,6 +56,8 @@ class ReadWebDataset(LocalSource):
             yield from self._read_tar(Path(tar), rows.column("key").to_pylist(), rows.column("error").to_pylist())
 
     def _read_tar(self, tar: Path, keys: list[str], errors: list[str | None]) -> Iterator[Sample]:
+        from webdataset.tariterators import group_by_keys, tar_file_iterator  # not in every worker venv (vllm's)
+
         wanted = dict.fromkeys(k for k in keys if k != SCAN_ERROR)
         failure: list[str] = []
 
@@ -113,6 +114,8 @@ class ReadWebDataset(LocalSource):
 def scan_keys(tar: Path) -> tuple[list[str], str | None]:
     """The sample keys of a tar in order, from its headers (webdataset's key rule), and the error that stopped the
     scan (a truncated or corrupt archive), if any."""
+    from webdataset.tariterators import base_plus_ext
+
     keys: list[str] = []
     seen: set[str] = set()
     try:
