@@ -11,10 +11,11 @@ from bench.learning_balance import bucket_of, experiment
 
 # At this size one training run per arm is too noisy to assert the gain: the tail gain measured at 4,000 URLs, 400
 # steps, model seed 0 was +0.284 / +0.328 / +0.229 for web seeds 11 / 12 / 13 in one checkout, +0.184 in another run
-# of web seed 11, and +0.05 / +0.01 in two fresh-clone CI runs (the pool differed by 2 rows at filter; the random
-# arm's tail accuracy moved from 0.27 to 0.47). The gain is measured where it is stable: bench/learning_balance.py,
-# 12,000 URLs, 3 seeds (bench/RESULTS.md "Learning, balanced vs random"). Here: the selection holds the tail, and
-# both arms learn through the image path.
+# of web seed 11, and +0.05 / +0.01 in two fresh-clone CI runs (the random arm's tail accuracy moved from 0.27 to
+# 0.47): the web's URLs hold the port it is served on, uids hash the URL, and both arms draw by uid hash, so every
+# run trains on other selections. The gain is measured over seeds at full size: bench/learning_balance.py, 12,000
+# URLs, 3 seeds (bench/RESULTS.md "Learning, balanced vs random"). Here: the selection holds the tail, and both
+# arms learn through the image path.
 CHANCE = 1 / 9  # nine colours
 
 
