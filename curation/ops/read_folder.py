@@ -5,6 +5,7 @@ where the folder is mounted."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,19 +42,23 @@ class ReadFolder(LocalSource):
         return Path(self.params.root)
 
     def inputs(self) -> list[Path]:
+        return [*self._images, Path(self.params.captions)] if self.params.captions else self._images
+
+    @cached_property
+    def _images(self) -> list[Path]:
+        """The folder's images, walked once per op (the fingerprint and the plan both need them)."""
         if not self.root.is_dir():
             raise ValueError(f"{self.root}: not a folder")
-        images = sorted(
+        return sorted(
             f
             for f in self.root.rglob("*")
             if f.suffix.lower() in IMAGE_SUFFIXES and not any(x.startswith(".") for x in f.relative_to(self.root).parts)
         )
-        return [*images, Path(self.params.captions)] if self.params.captions else images
 
     def list_samples(self) -> Iterator[pa.Table]:
         p = self.params
         if p.captions is None:
-            files = [f.relative_to(self.root).as_posix() for f in self.inputs()]
+            files = [f.relative_to(self.root).as_posix() for f in self._images]
             yield pa.table({"file": files, "caption": [None] * len(files), "error": [None] * len(files)})
             return
         sidecar = Path(p.captions)

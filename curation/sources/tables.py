@@ -75,12 +75,12 @@ def _finish(columns: dict[str, pa.Array], schema: pa.Schema, n: int, invalid: li
             col = _utf8(col)
         try:
             out[field.name] = col.cast(field.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        except pa.ArrowException:  # any value that does not cast: judged one by one
             values = []
             for i, v in enumerate(col.to_pylist()):
                 try:
                     values.append(pa.scalar(v).cast(field.type).as_py() if v is not None else None)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+                except pa.ArrowException as e:
                     values.append(None)
                     invalid[i] = invalid[i] or f"column {field.name}: {v!r} is not {field.type}: {e}"[:300]
             out[field.name] = pa.array(values, field.type)
