@@ -166,6 +166,8 @@ def test_sample_length_counts_image_tokens() -> None:
     assert sample_length(120, 1, 576) == 120 - 1 + 576  # the one <image> token becomes 576 tokens
     assert sample_length(300, 0, 576) == 300
     assert sample_length(10, 2, 729) == 8 + 2 * 729
+    anyres = sample_lengths(np.array([120, 300, 10]), np.array([1, 0, 2]), np.array([2000, 5, 100]))
+    assert anyres.tolist() == [120 - 1 + 2000, 300, 8 + 2 * 100]  # per-sample image tokens (AnyRes)
     out = sample_lengths(np.array([120, 300, 10]), np.array([1, 0, 2]), 576)
     assert out.tolist() == [695, 300, 1160] and out.dtype == np.int64
     with pytest.raises(ValueError):

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.overrides import OverrideError, apply_overrides, parse_overrides
+from trainer.anyres import AnyRes
 
 # The real default parts (local folders; nothing is downloaded): an HF CLIP ViT-L/14 at 336 px as the vision
 # tower (openai/clip-vit-large-patch14-336, 576 patch tokens) and a small HF causal LM such as
@@ -29,8 +30,11 @@ from schemas.overrides import OverrideError, apply_overrides, parse_overrides
 DEFAULT_VISION = "models/clip-vit-large-patch14-336"
 DEFAULT_LM = "models/qwen2.5-0.5b-instruct"
 
-LR_DEFAULT = {1: 1e-3, 2: 2e-5}  # LLaVA: stage 1 projector lr 1e-3, stage 2 projector + LM lr 2e-5
-TEMPLATE_DEFAULT = {1: "plain", 2: "chat"}
+# LLaVA: stage 1 projector lr 1e-3, stage 2 projector + LM 2e-5; LLaVA-NeXT / OneVision stage 1.5 (every part):
+# 1e-5, the vision tower 2e-6
+LR_DEFAULT = {1: 1e-3, 1.5: 1e-5, 2: 2e-5}
+VISION_LR_DEFAULT = 2e-6
+TEMPLATE_DEFAULT = {1: "plain", 1.5: "chat", 2: "chat"}
 
 
 class TrainConfig(BaseModel):
@@ -38,10 +42,12 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: Literal[1, 2]
+    stage: Literal[1, 1.5, 2]  # 1 projector; 1.5 every part (vision at vision_lr); 2 projector + LM
     shards: list[str] = Field(min_length=1, description="Instruction shard files or directories of part-*.parquet")
     vision: str = DEFAULT_VISION
     lm: str = DEFAULT_LM
+    projector: Literal["mlp", "patch_merge"] = "mlp"  # LLaVA's 2-layer MLP, or OneVision-1.5's 2x2 patch merge
+    anyres: AnyRes | None = None  # LLaVA-NeXT's tiles + base view (trainer.anyres); None: one padded square view
     out: str
     template: Literal["plain", "chat"] | None = None  # default: plain for stage 1, chat for stage 2
     system: str | None = None  # system message for the chat template
@@ -50,7 +56,8 @@ class TrainConfig(BaseModel):
     pack_method: Literal["gap_aware", "bfd"] = "gap_aware"  # trainer.pack: gap-aware best fit, or plain BFD
     rows_per_step: int = Field(8, ge=1, description="packed rows per optimizer step")
     micro_rows: int | None = Field(None, ge=1, description="rows per forward (gradient accumulation); default all")
-    lr: float | None = Field(None, gt=0)  # default 1e-3 stage 1, 2e-5 stage 2
+    lr: float | None = Field(None, gt=0)  # default 1e-3 stage 1, 1e-5 stage 1.5, 2e-5 stage 2
+    vision_lr: float | None = Field(None, gt=0)  # stage 1.5's vision tower; default 2e-6
     schedule: Literal["cosine", "constant"] = "cosine"  # after linear warmup
     warmup_steps: int = Field(0, ge=0)
     max_steps: int | None = Field(None, ge=1)  # default: epochs x steps per epoch
@@ -69,14 +76,18 @@ class TrainConfig(BaseModel):
             self.template = TEMPLATE_DEFAULT[self.stage]
         if self.lr is None:
             self.lr = LR_DEFAULT[self.stage]
+        if self.vision_lr is not None and self.stage != 1.5:
+            raise ValueError(f"vision_lr applies to stage 1.5 (the vision tower trains), not stage {self.stage}")
+        if self.stage == 1.5 and self.vision_lr is None:
+            self.vision_lr = VISION_LR_DEFAULT
         return self
 
     def data_key(self) -> dict:
         """The fields the packed data depends on (a change rebuilds out/packed)."""
         return {
             k: getattr(self, k)
-            for k in ("shards", "lm", "vision", "template", "system", "max_len", "packing", "pack_method")
-        }
+            for k in ("shards", "lm", "vision", "template", "system", "max_len", "packing", "pack_method", "projector")
+        } | {"anyres": self.anyres.model_dump() if self.anyres else None}  # image tokens per sample
 
 
 class ConfigError(ValueError):

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.data import pixels
 from trainer.model import IGNORE_INDEX, LlavaLite
 from trainer.template import encode
 
@@ -90,16 +89,21 @@ def answer_logprobs(
     items = [(qi, ci) for qi in range(len(qs)) for ci in range(len(cands))]
     scores = torch.empty(len(qs), len(cands))
     pad_id = tokenizer.pad_token_id or 0
-    px_cache: dict[int, torch.Tensor] = {}
+    inputs = model.image_inputs(processor)
+    views: dict[int, tuple[torch.Tensor, list[int] | None]] = {}  # question -> its image's views and (H, W)
     model.eval()
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
+        for qi, _ in chunk:
+            if qi not in views:
+                px, sizes = inputs([image if image is not None else qs[qi].image])
+                views[qi] = (px, sizes[0] if sizes else None)
         encs = [
             encode(
                 [{"from": "human", "value": "<image>\n" + qs[qi].text}, {"from": "gpt", "value": cands[ci]}],
                 tokenizer,
                 template,
-                model.image_tokens,
+                model.tokens_for(views[qi][1]) if model.anyres else model.image_tokens,
                 system,
             )
             for qi, ci in chunk
@@ -110,12 +114,11 @@ def answer_logprobs(
         for b, e in enumerate(encs):
             ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
             labels[b, : len(e.labels)] = torch.tensor(e.labels)
-        for qi, _ in chunk:
-            if qi not in px_cache:
-                raw = image if image is not None else qs[qi].image
-                px_cache[qi] = pixels(processor, Image.open(io.BytesIO(raw)).convert("RGB"))  # [C, H, W]
-        pixel_values = torch.stack([px_cache[qi] for qi, _ in chunk])  # [B, C, H, W]
-        logits, _ = model(ids, pixel_values=pixel_values, seq_lens=[[len(e.input_ids)] for e in encs])  # [B, T, V]
+        pixel_values = torch.cat([views[qi][0] for qi, _ in chunk])  # [n_views, C, H, W]
+        sizes = [views[qi][1] for qi, _ in chunk] if model.anyres else None
+        logits, _ = model(
+            ids, pixel_values=pixel_values, seq_lens=[[len(e.input_ids)] for e in encs], image_sizes=sizes
+        )  # [B, T, V]
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]: predicts tokens 1..T-1
         target = labels[:, 1:]  # [B, T-1]
         mask = target != IGNORE_INDEX

@@ -1,13 +1,23 @@
-"""Export a LlavaLite as a checkpoint that transformers' LlavaForConditionalGeneration loads."""
+"""Export a LlavaLite as a checkpoint transformers loads: LlavaForConditionalGeneration (one view per image), or
+LlavaNextForConditionalGeneration (AnyRes). Not exported (a clear error): the 2x2 patch-merge projector and AnyRes
+with a token budget (`max_tiles`: LlavaOnevision's pooling, whose image processor differs from LLaVA-NeXT's)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+)
 
-from trainer.model import LlavaLite
+from trainer.anyres import next_processor
+from trainer.model import LlavaLite, PatchMerger
 
 # LlavaLite module prefix -> LlavaForConditionalGeneration prefix (transformers 5.x layout)
 KEY_MAP = {
@@ -15,24 +25,32 @@ KEY_MAP = {
     "projector.": "model.multi_modal_projector.",
     "lm.model.": "model.language_model.",
     "lm.lm_head.": "lm_head.",
+    "image_newline": "model.image_newline",
 }
 
 
-def llava_config(model: LlavaLite) -> LlavaConfig:
-    """LlavaConfig from the parts: penultimate layer, CLS dropped, GELU projector, `<image>` id, patch count."""
+def llava_config(model: LlavaLite) -> LlavaConfig | LlavaNextConfig:
+    """The config from the parts: penultimate layer, CLS dropped, GELU projector, `<image>` id; AnyRes: the grid
+    pinpoints."""
     if model.image_token_id is None:
         raise ValueError("LlavaLite.image_token_id is unset: build the model with from_parts or pass image_token_id")
-    return LlavaConfig(
-        vision_config=model.vision.config.to_dict(),
-        text_config=model.lm.config.to_dict(),
-        image_token_index=model.image_token_id,
-        image_seq_length=model.image_tokens,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(model.lm.config, "tie_word_embeddings", False)),
-    )
+    if isinstance(model.projector, PatchMerger):
+        raise ValueError("the patch_merge projector has no transformers LLaVA class to export to: train with mlp")
+    common = {
+        "vision_config": model.vision.config.to_dict(),
+        "text_config": model.lm.config.to_dict(),
+        "image_token_index": model.image_token_id,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": bool(getattr(model.lm.config, "tie_word_embeddings", False)),
+    }
+    if model.anyres is None:
+        return LlavaConfig(**common, image_seq_length=model.image_tokens)
+    if model.anyres.max_tiles is not None:
+        raise ValueError("AnyRes with max_tiles (OneVision's pooling) is not exported: LlavaNext has no token budget")
+    return LlavaNextConfig(**common, image_grid_pinpoints=model.pinpoints)
 
 
 def llava_state_dict(model: LlavaLite) -> dict[str, torch.Tensor]:
@@ -46,11 +64,18 @@ def llava_state_dict(model: LlavaLite) -> dict[str, torch.Tensor]:
     return out
 
 
+HF_CLASSES = {  # config -> (model, processor)
+    LlavaConfig: (LlavaForConditionalGeneration, LlavaProcessor),
+    LlavaNextConfig: (LlavaNextForConditionalGeneration, LlavaNextProcessor),
+}
+
+
 def export_hf(model: LlavaLite, tokenizer, image_processor, out_dir: str | Path) -> Path:
-    """Write config, safetensors weights, tokenizer and LlavaProcessor to `out_dir`; return it."""
+    """Write config, safetensors weights, tokenizer and the processor (LlavaProcessor or LlavaNextProcessor) to
+    `out_dir`; return it."""
     out_dir = Path(out_dir)
     config = llava_config(model)
-    hf = LlavaForConditionalGeneration(config)
+    hf = HF_CLASSES[type(config)][0](config)
     state = llava_state_dict(model)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -61,7 +86,9 @@ def export_hf(model: LlavaLite, tokenizer, image_processor, out_dir: str | Path)
     if config.tie_word_embeddings:
         hf.tie_weights()
     hf.save_pretrained(str(out_dir))
-    processor = LlavaProcessor(
+    if model.anyres:
+        image_processor = next_processor(image_processor, model.pinpoints)
+    processor = HF_CLASSES[type(config)][1](
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=model.vision.config.patch_size,

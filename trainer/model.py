@@ -1,4 +1,5 @@
-"""LlavaLite: a frozen HF vision tower, a 2-layer GELU projector and an HF causal LM, with packed-batch attention.
+"""LlavaLite: an HF vision tower, a projector (2-layer GELU MLP, or a 2x2 patch merge) and an HF causal LM, with
+packed-batch attention; one fixed-resolution view per image (LLaVA-1.5) or AnyRes views (LLaVA-NeXT, trainer.anyres).
 
 Attention of a batch (position ids restart at 0 for every sample in all modes):
 
@@ -16,6 +17,7 @@ the one LM call only; with activation checkpointing (recomputed outside that cal
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,9 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, PreTrainedModel
 
+from trainer.anyres import AnyRes, ImageInputs, grid_shape, image_tokens, pack_features
+
 IGNORE_INDEX = -100
 VARLEN_ATTENTION = "llava_lite_varlen"  # registered below; not in the mask interface, so transformers builds no mask
 PACKED_ATTENTION_MODES = ("varlen", "mask")
+PROJECTORS = ("mlp", "patch_merge")
+STAGES = (1, 1.5, 2)
 
 
 def varlen_sdpa_attention(
@@ -96,6 +102,8 @@ def attention_implementation(lm: PreTrainedModel, name: str) -> Iterator[None]:
 class Projector(nn.Module):
     """Two linear layers with a GELU between, named like transformers' LlavaMultiModalProjector."""
 
+    merge = 1  # patches per feature side
+
     def __init__(self, vision_hidden: int, lm_hidden: int):
         super().__init__()
         self.linear_1 = nn.Linear(vision_hidden, lm_hidden)
@@ -105,6 +113,36 @@ class Projector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map vision features [N, P, Dv] to LM embeddings [N, P, D]."""
         return self.linear_2(self.act(self.linear_1(x)))
+
+
+class PatchMerger(nn.Module):
+    """LLaVA-OneVision-1.5's projector (after Qwen2.5-VL's PatchMerger): LayerNorm over each patch, each 2x2 block of
+    neighbouring patches concatenated, then a GELU MLP: a quarter of the tokens per view."""
+
+    merge = 2
+
+    def __init__(self, vision_hidden: int, lm_hidden: int):
+        super().__init__()
+        self.ln_q = nn.LayerNorm(vision_hidden, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(4 * vision_hidden, 4 * vision_hidden), nn.GELU(), nn.Linear(4 * vision_hidden, lm_hidden)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map vision features [N, P, Dv] (a g x g grid, g even, row-major) to LM embeddings [N, P/4, D]."""
+        N, P, Dv = x.shape
+        g = math.isqrt(P)
+        if g * g != P or g % 2:
+            raise ValueError(f"patch_merge needs an even square grid of patches, got {P}")
+        x = self.ln_q(x).view(N, g // 2, 2, g // 2, 2, Dv).permute(0, 1, 3, 2, 4, 5)  # [N, g/2, g/2, 2, 2, Dv]
+        return self.mlp(x.reshape(N, P // 4, 4 * Dv))
+
+
+def make_projector(kind: str, vision_hidden: int, lm_hidden: int) -> nn.Module:
+    """A fresh projector of `kind` (PROJECTORS)."""
+    if kind not in PROJECTORS:
+        raise ValueError(f"projector must be one of {PROJECTORS}, got {kind!r}")
+    return (Projector if kind == "mlp" else PatchMerger)(vision_hidden, lm_hidden)
 
 
 def segment_ids(seq_lens: Sequence[Sequence[int]], T: int, device: torch.device | None = None) -> torch.Tensor:
@@ -151,21 +189,31 @@ def shifted_targets(labels: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
 
 
 class LlavaLite(nn.Module):
-    """A readable LLaVA: penultimate-layer patch features (no CLS) -> projector -> spliced into the LM's inputs."""
+    """A readable LLaVA: penultimate-layer patch features (no CLS) -> projector -> spliced into the LM's inputs.
+
+    With `anyres`, an image is several views (trainer.anyres): their features are laid out as LLaVA-NeXT does,
+    with a learned `image_newline` after each row of the tiles' map."""
 
     def __init__(
         self,
         vision: CLIPVisionModel,
         lm: PreTrainedModel,
-        projector: Projector | None = None,
+        projector: nn.Module | None = None,
         image_token_id: int | None = None,
         packed_attention: str = "varlen",
+        anyres: AnyRes | None = None,
     ):
         super().__init__()
         self.vision, self.lm = vision, lm
         self.projector = projector or Projector(vision.config.hidden_size, lm.config.hidden_size)
         self.image_token_id = image_token_id
         self.packed_attention = packed_attention  # "varlen" (per-sample attention) or "mask" (dense reference)
+        self.tile = vision.config.image_size
+        self.anyres = anyres
+        self.pinpoints = anyres.pinpoints(self.tile) if anyres else None
+        if anyres:
+            hidden = lm.config.hidden_size
+            self.image_newline = nn.Parameter(torch.randn(hidden) / math.sqrt(hidden))  # as LlavaNextModel's init
         self.vision.requires_grad_(False).eval()
 
     @classmethod
@@ -176,49 +224,99 @@ class LlavaLite(nn.Module):
         seed: int = 0,
         attn_implementation: str = "sdpa",
         packed_attention: str = "varlen",
+        projector: str = "mlp",
+        anyres: AnyRes | None = None,
     ) -> LlavaLite:
-        """Load vision tower, LM and the `<image>` id with from_pretrained; a fresh projector from `seed`."""
+        """Load vision tower, LM and the `<image>` id with from_pretrained; a fresh projector (and newline) from
+        `seed`."""
         vision = CLIPVisionModel.from_pretrained(str(vision_dir))
         lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
         torch.manual_seed(seed)
-        projector = Projector(vision.config.hidden_size, lm.config.hidden_size)
         return cls(
             vision,
             lm,
-            projector,
+            make_projector(projector, vision.config.hidden_size, lm.config.hidden_size),
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             packed_attention=packed_attention,
+            anyres=anyres,
         )
 
     @property
+    def feature_side(self) -> int:
+        """Features per side of one view: the tower's patches per side, halved by a 2x2 patch merge."""
+        return self.vision.config.image_size // self.vision.config.patch_size // self.projector.merge
+
+    @property
     def image_tokens(self) -> int:
-        """Number of `<image>` copies per image: patch tokens of the vision tower (CLS dropped)."""
-        return (self.vision.config.image_size // self.vision.config.patch_size) ** 2
+        """`<image>` copies per fixed-resolution image (CLS dropped); with AnyRes use tokens_for(size)."""
+        if self.anyres:
+            raise ValueError("an AnyRes model's image tokens depend on the image size: use tokens_for((H, W))")
+        return self.feature_side**2
+
+    def tokens_for(self, size: Sequence[int]) -> int:
+        """`<image>` copies for an image of size (H, W)."""
+        if not self.anyres:
+            return self.feature_side**2
+        return image_tokens(size, self.pinpoints, self.tile, self.feature_side, self.anyres.max_tiles)
+
+    def image_inputs(self, processor) -> ImageInputs:
+        """What turns this model's images into (pixel_values, image_sizes), from the tower's image processor."""
+        return ImageInputs(processor, self.pinpoints)
 
     def train(self, mode: bool = True) -> LlavaLite:
-        """Switch train/eval mode; the frozen vision tower always stays in eval."""
+        """Switch train/eval mode; the vision tower always stays in eval (CLIP has no dropout; stage 1.5 trains it
+        with its statistics fixed)."""
         super().train(mode)
         self.vision.eval()
         return self
 
-    def trainable(self, stage: int) -> list[nn.Parameter]:
-        """Set requires_grad for a stage (1: projector only; 2: projector + LM) and return the trainable params."""
-        if stage not in (1, 2):
-            raise ValueError(f"stage must be 1 (projector) or 2 (projector + LM), got {stage}")
-        self.vision.requires_grad_(False)
-        self.projector.requires_grad_(True)
-        self.lm.requires_grad_(stage == 2)
+    def trainable(self, stage: float) -> list[nn.Parameter]:
+        """Set requires_grad for a stage and return the trainable params: 1 projector (+ newline), 1.5 everything
+        (LLaVA-OneVision), 2 projector (+ newline) + LM."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be 1 (projector), 1.5 (all) or 2 (projector + LM), got {stage}")
+        self.requires_grad_(True)
+        self.vision.requires_grad_(stage == 1.5)
+        self.lm.requires_grad_(stage != 1)
         return [p for p in self.parameters() if p.requires_grad]
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected penultimate-layer patch features [n_images, P, D], CLS dropped."""
-        with torch.no_grad():
+        """Projected penultimate-layer patch features [n_views, P, D] of views [n_views, C, t, t], CLS dropped."""
+        with torch.set_grad_enabled(
+            torch.is_grad_enabled() and self.vision.embeddings.patch_embedding.weight.requires_grad
+        ):
             out = self.vision(pixel_values, output_hidden_states=True)
-        feats = out.hidden_states[-2][:, 1:]  # [n_images, P, Dv], drop CLS
-        return self.projector(feats)  # [n_images, P, D]
+        feats = out.hidden_states[-2][:, 1:]  # [n_views, P, Dv], drop CLS
+        return self.projector(feats)  # [n_views, P', D]
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def image_embeddings(
+        self, pixel_values: torch.Tensor, image_sizes: Sequence[Sequence[int]] | None = None
+    ) -> torch.Tensor:
+        """Every image's tokens in order, [sum of tokens_for, D]: one view each, or AnyRes views by image_sizes."""
+        feats = self.image_features(pixel_values)  # [n_views, P', D]
+        if not self.anyres:
+            return feats.reshape(-1, feats.shape[-1])
+        if image_sizes is None:
+            raise ValueError("an AnyRes model needs image_sizes (H, W) with its pixel_values")
+        views = [1 + math.prod(grid_shape(s, self.pinpoints, self.tile)) for s in image_sizes]
+        if sum(views) != feats.shape[0]:
+            raise ValueError(
+                f"pixel_values hold {feats.shape[0]} views; image_sizes {list(image_sizes)} need {sum(views)}"
+            )
+        return torch.cat(
+            [
+                pack_features(f, s, self.pinpoints, self.tile, self.image_newline, self.anyres.max_tiles)
+                for f, s in zip(torch.split(feats, views), image_sizes)
+            ]
+        )
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_sizes: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor:
         """Token embeddings [B, T, D] with `<image>` positions replaced by image features, in reading order."""
         embeds = self.lm.get_input_embeddings()(input_ids)  # [B, T, D]
         is_image = input_ids == self.image_token_id  # [B, T]
@@ -227,14 +325,13 @@ class LlavaLite(nn.Module):
             if n_slots:
                 raise ValueError(f"input_ids hold {n_slots} <image> tokens but no pixel_values were given")
             return embeds
-        feats = self.image_features(pixel_values).to(embeds.dtype)  # [n_images, P, D]
-        if n_slots != feats.shape[0] * feats.shape[1]:
+        feats = self.image_embeddings(pixel_values, image_sizes).to(embeds.dtype)  # [N, D]
+        if n_slots != feats.shape[0]:
             raise ValueError(
-                f"input_ids hold {n_slots} <image> tokens but {feats.shape[0]} images x "
-                f"{feats.shape[1]} patches = {feats.shape[0] * feats.shape[1]} features; expand each "
-                f"<image> to {self.image_tokens} copies"
+                f"input_ids hold {n_slots} <image> tokens but the images give {feats.shape[0]} features; expand "
+                f"each <image> to tokens_for(its size) copies ({self.feature_side**2} a view at fixed resolution)"
             )
-        return embeds.masked_scatter(is_image[..., None], feats.reshape(-1, feats.shape[-1]))  # [B, T, D]
+        return embeds.masked_scatter(is_image[..., None], feats)  # [B, T, D]
 
     def forward(
         self,
@@ -246,9 +343,11 @@ class LlavaLite(nn.Module):
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
         packed_attention: str | None = None,
+        image_sizes: Sequence[Sequence[int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [B, T, V] and loss: mean CE over label tokens, or `reduction="sum"`: tensor [sum, count].
-        `packed_attention` overrides the model's mode ("varlen" or "mask") for this call."""
+        `packed_attention` overrides the model's mode ("varlen" or "mask") for this call; `image_sizes` (H, W) per
+        image go with an AnyRes model's views."""
         B, T = input_ids.shape
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -260,7 +359,7 @@ class LlavaLite(nn.Module):
         seg = segment_ids(seq_lens, T, input_ids.device)  # [B, T]
         if position_ids is None:
             position_ids = positions_from_lens(seq_lens, T).to(input_ids.device)  # [B, T]
-        embeds = self.embed(input_ids, pixel_values)  # [B, T, D]
+        embeds = self.embed(input_ids, pixel_values, image_sizes)  # [B, T, D]
         logits = self._lm_logits(embeds, position_ids, seq_lens, seg, mode)  # [B, T, V]
         if labels is None:
             return logits, None

@@ -31,17 +31,19 @@ def sample_length(n_text_tokens: int, n_images: int, image_tokens: int) -> int:
     return int(n_text_tokens + n_images * (image_tokens - 1))
 
 
-def sample_lengths(n_text_tokens: np.ndarray, n_images: np.ndarray, image_tokens: int) -> np.ndarray:
-    """Vectorised sample_length: int64 [N] from text-token and image counts [N]."""
+def sample_lengths(n_text_tokens: np.ndarray, n_images: np.ndarray, image_tokens: int | np.ndarray) -> np.ndarray:
+    """Vectorised sample_length: int64 [N] from text-token and image counts [N]; `image_tokens` per image, or [N]
+    per sample (AnyRes: each image's count depends on its size, LlavaLite.tokens_for)."""
     text = np.asarray(n_text_tokens, dtype=np.int64)  # [N] tokens, one per <image> token included
     imgs = np.asarray(n_images, dtype=np.int64)  # [N] images
-    if image_tokens < 1:
+    per = np.asarray(image_tokens, dtype=np.int64)  # [] or [N]
+    if per.size == 0 or per.min() < 1:
         raise ValueError(f"sample_lengths: image_tokens must be >= 1, got {image_tokens}")
     bad = np.flatnonzero((imgs < 0) | (text < imgs))
     if bad.size:
         i = int(bad[0])
         raise ValueError(f"sample_lengths: row {i} has n_text_tokens={text[i]} < n_images={imgs[i]} or negative images")
-    return text + imgs * (image_tokens - 1)
+    return text + imgs * (per - 1)
 
 
 @dataclass

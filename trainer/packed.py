@@ -9,7 +9,6 @@ padded baseline). Rows hold no padding: collate pads.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import resource
@@ -27,7 +26,8 @@ from PIL import Image
 
 from schemas import TrainSequence, arrow_schema
 from schemas.mixture import sample_hash, write_manifest
-from trainer.data import Shard, check_columns, pixels, shard_files
+from trainer.anyres import ImageInputs
+from trainer.data import Shard, check_columns, shard_files
 from trainer.model import IGNORE_INDEX, positions_from_lens
 from trainer.pack import pack
 from trainer.template import EncodeError, encode
@@ -55,7 +55,7 @@ def encoded_batches(
     files: list[Path],
     tokenizer,
     template: str,
-    image_tokens: int,
+    image_tokens: int | Callable[[tuple[int, int]], int],
     max_len: int,
     system: str | None,
     rejects: Counter,
@@ -64,6 +64,7 @@ def encoded_batches(
     """Per batch of shard rows, in order: the trainable samples {id, input_ids, labels, image} (image: the sample's
     row in the batch's image column, -1 for none) and that column, the images left in Arrow memory; the other rows
     are counted in `rejects` by reason. A run dir's part lacking the image has it read by uid (trainer.data.Shard).
+    `image_tokens`: copies of each `<image>`, or a function of the image's (H, W) (AnyRes: LlavaLite.tokens_for).
     `hashed`: each sample also has its uid, source file and sample_hash (schemas.mixture)."""
     for f in files:
         for _, batch in Shard(f).batches(256):
@@ -72,20 +73,25 @@ def encoded_batches(
             for row, (sid, conv) in enumerate(
                 zip(batch.column("id").to_pylist(), batch.column("conversations").to_pylist())
             ):
+                size = None
+                if images[row].is_valid:
+                    try:  # header check without copying the bytes; decoded at collate time
+                        w, h = Image.open(pa.BufferReader(images[row].as_buffer())).size
+                        size = (h, w)
+                    except Exception:
+                        pass
+                n_tokens = image_tokens if isinstance(image_tokens, int) else image_tokens(size) if size else 1
                 try:
-                    enc = encode(conv, tokenizer, template, image_tokens, system, max_len)
+                    enc = encode(conv, tokenizer, template, n_tokens, system, max_len)
                 except EncodeError as e:  # no_labels, too_long, template_mismatch, bad_turns
                     rejects[e.reason] += 1
                     continue
                 if enc.n_images > 1:  # an Instruction row carries one image
                     rejects["image_count"] += 1
                     continue
-                if enc.n_images:
-                    try:  # header check without copying the bytes; decoded at collate time
-                        _ = Image.open(pa.BufferReader(images[row].as_buffer())).size
-                    except Exception:
-                        rejects["bad_image"] += 1
-                        continue
+                if enc.n_images and size is None:
+                    rejects["bad_image"] += 1
+                    continue
                 out.append(
                     {"id": sid, "input_ids": enc.input_ids, "labels": enc.labels, "image": row if enc.n_images else -1}
                 )
@@ -96,7 +102,13 @@ def encoded_batches(
 
 
 def encoded(
-    files: list[Path], tokenizer, template: str, image_tokens: int, max_len: int, system: str | None, rejects: Counter
+    files: list[Path],
+    tokenizer,
+    template: str,
+    image_tokens: int | Callable[[tuple[int, int]], int],
+    max_len: int,
+    system: str | None,
+    rejects: Counter,
 ) -> Iterator[dict]:
     """Every trainable sample {id, input_ids, labels, images (bytes)} of the shards in order (see encoded_batches)."""
     for samples, images in encoded_batches(files, tokenizer, template, image_tokens, max_len, system, rejects):
@@ -212,7 +224,7 @@ def build_packed(
     out_dir: str | Path,
     tokenizer,
     template: str,
-    image_tokens: int,
+    image_tokens: int | Callable[[tuple[int, int]], int],
     max_len: int,
     packing: bool = True,
     system: str | None = None,
@@ -224,13 +236,14 @@ def build_packed(
     Two streaming passes over the shards: the first encodes every sample for its length alone and the lengths are
     packed; the second encodes again and spills each sample to the spill file of the packed file it lands in; each
     packed file is then assembled from its own spill. Memory: ids and lengths, plus a few times FILE_BYTES (measured:
-    peak about 8x FILE_BYTES above the start, whatever the data set's size; bench/bench_build_packed.py)."""
+    peak about 8x FILE_BYTES above the start, whatever the data set's size; bench/bench_build_packed.py).
+    A callable `image_tokens` (AnyRes) is not part of the reuse key: `key` must name what it depends on."""
     out_dir, files = Path(out_dir), resolve_shards(shards)
     digest = _key_hash(
         {
             **(key or {}),
             "template": template,
-            "image_tokens": image_tokens,
+            "image_tokens": image_tokens if isinstance(image_tokens, int) else "per image size",  # key: how (AnyRes)
             "max_len": max_len,
             "packing": packing,
             "system": system,
@@ -303,7 +316,7 @@ def build_packed(
         "packing": packing,
         "max_len": max_len,
         "template": template,
-        "image_tokens": image_tokens,
+        "image_tokens": image_tokens if isinstance(image_tokens, int) else "per image size",
         "samples_in": len(ids) + sum(rejects.values()),
         "samples": len(ids),
         "rows": n_rows,
@@ -388,9 +401,11 @@ class PackedReader:
             yield self.next_rows(1)[0]
 
 
-def collate(rows: list[dict], image_processor: Callable | None, pad_id: int = 0) -> dict:
+def collate(rows: list[dict], image_processor: Callable | ImageInputs | None, pad_id: int = 0) -> dict:
     """LlavaLite.forward inputs for rows, padded to the longest row: input_ids, labels, position_ids [B, T],
-    seq_lens, pixel_values [n_images, C, H, W] or None; plus token counts (tokens = B x T, useful = non-pad)."""
+    seq_lens, pixel_values [n_views, C, H, W] or None, image_sizes (AnyRes) or None; plus token counts (tokens =
+    B x T, useful = non-pad). `image_processor`: the model's ImageInputs (LlavaLite.image_inputs), or a tower
+    processor for one fixed-resolution view per image."""
     T = max(sum(r["lengths"]) for r in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # [B, T]
@@ -401,13 +416,13 @@ def collate(rows: list[dict], image_processor: Callable | None, pad_id: int = 0)
         labels[b, :n] = torch.tensor(r["labels"], dtype=torch.long)
     seq_lens = [list(r["lengths"]) for r in rows]
     images = [b for r in rows for b in r["images"]]
-    pixel_values = None
+    pixel_values = image_sizes = None
     if images:
         if image_processor is None:
             raise ValueError("rows hold images but no image processor was given")
-        pixel_values = torch.stack(
-            [pixels(image_processor, Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
-        )  # [n_images, C, H, W]
+        if not isinstance(image_processor, ImageInputs):
+            image_processor = ImageInputs(image_processor)
+        pixel_values, image_sizes = image_processor(images)
     useful = sum(sum(r["lengths"]) for r in rows)
     return {
         "input_ids": input_ids,
@@ -415,6 +430,7 @@ def collate(rows: list[dict], image_processor: Callable | None, pad_id: int = 0)
         "position_ids": positions_from_lens(seq_lens, T),
         "seq_lens": seq_lens,
         "pixel_values": pixel_values,
+        "image_sizes": image_sizes,
         "tokens": B * T,
         "useful_tokens": useful,
         "samples": sum(len(r["lengths"]) for r in rows),

@@ -7,7 +7,7 @@ An `out` dir:
     out/checkpoints/step-N/             trainable.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json
     out/checkpoints/latest              the name of the newest complete checkpoint (written after its dir)
     out/final/                          vision/, lm/ (HF folders with processor/tokenizer), projector.safetensors,
-                                        trainable.safetensors, summary.json: what load_trained() rebuilds from
+                                        trainable.safetensors, parts.json, summary.json: what load_trained() reads
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoTokenizer
 
+from trainer.anyres import AnyRes
 from trainer.config import TrainConfig
-from trainer.model import IGNORE_INDEX, LlavaLite, segment_ids, shifted_targets
+from trainer.model import IGNORE_INDEX, LlavaLite, PatchMerger, segment_ids, shifted_targets
 from trainer.packed import PackedReader, build_packed, collate
 
 
@@ -77,17 +78,30 @@ def _checkpoint_dir(path: str | Path) -> Path:
     raise FileNotFoundError(f"init_from {path}: no trainable.safetensors, final/ or checkpoints/latest there")
 
 
-def init_weights(model: LlavaLite, path: str | Path, stage: int) -> list[str]:
-    """Load the projector (and, for stage 2, the LM when the checkpoint holds it) from a checkpoint; names loaded."""
+def init_weights(model: LlavaLite, path: str | Path) -> list[str]:
+    """Load what a checkpoint trained (projector and newline; the LM after stage 2; every part after stage 1.5), so a
+    later stage starts from the whole model an earlier one left; the names loaded."""
     state = load_file(str(_checkpoint_dir(path) / "trainable.safetensors"))
-    keep = {k: v for k, v in state.items() if k.startswith("projector.") or (stage == 2 and k.startswith("lm."))}
-    if not any(k.startswith("projector.") for k in keep):
+    if not any(k.startswith("projector.") for k in state):
         raise KeyError(f"init_from {path}: no projector weights in the checkpoint")
-    missing = set(keep) - set(model.state_dict())
-    if missing:
-        raise KeyError(f"init_from {path}: keys {sorted(missing)[:5]} do not exist in this model (other parts?)")
-    model.load_state_dict(keep, strict=False)
-    return sorted(keep)
+    own = model.state_dict()
+    wrong = sorted(k for k in state if k not in own or own[k].shape != state[k].shape)
+    if wrong:
+        raise KeyError(
+            f"init_from {path}: keys {wrong[:5]} do not fit this model (another projector, AnyRes or parts?)"
+        )
+    model.load_state_dict(state, strict=False)
+    return sorted(state)
+
+
+def optimizer_groups(model: LlavaLite, params: list[torch.nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """AdamW parameter groups: everything at cfg.lr, the vision tower (stage 1.5) at cfg.vision_lr."""
+    vision = {id(p) for p in model.vision.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in vision], "lr": cfg.lr, "name": "main"}]
+    tower = [p for p in params if id(p) in vision]
+    if tower:
+        groups.append({"params": tower, "lr": cfg.vision_lr, "name": "vision"})
+    return groups
 
 
 def _write_checkpoint(
@@ -162,19 +176,35 @@ def _save_final(final: Path, model: LlavaLite, tokenizer, processor, summary: di
     model.lm.save_pretrained(str(tmp / "lm"))
     tokenizer.save_pretrained(str(tmp / "lm"))
     save_file({k: v.contiguous() for k, v in model.projector.state_dict().items()}, str(tmp / "projector.safetensors"))
+    (tmp / PARTS).write_text(json.dumps(parts_spec(model), indent=2))
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
 
+PARTS = "parts.json"  # in final/: the projector kind and AnyRes settings load_trained rebuilds the model with
+
+
+def parts_spec(model: LlavaLite) -> dict:
+    return {
+        "projector": "patch_merge" if isinstance(model.projector, PatchMerger) else "mlp",
+        "anyres": model.anyres.model_dump() if model.anyres else None,
+    }
+
+
 def load_trained(out: str | Path) -> LlavaLite:
-    """LlavaLite rebuilt from `out/final` (vision + LM folders through from_parts, then the trained projector)."""
+    """LlavaLite rebuilt from `out/final` (vision + LM folders through from_parts, then the trained projector and
+    image newline)."""
     final = Path(out) / "final"
     if not (final / "projector.safetensors").exists():
         raise FileNotFoundError(f"{final}: no finished training here (projector.safetensors missing)")
-    model = LlavaLite.from_parts(final / "vision", final / "lm")
+    spec = json.loads((final / PARTS).read_text()) if (final / PARTS).exists() else {}
+    anyres = AnyRes(**spec["anyres"]) if spec.get("anyres") else None
+    model = LlavaLite.from_parts(final / "vision", final / "lm", projector=spec.get("projector", "mlp"), anyres=anyres)
     model.projector.load_state_dict(load_file(str(final / "projector.safetensors")))
+    if anyres:
+        model.image_newline.data.copy_(load_file(str(final / "trainable.safetensors"))["image_newline"])
     return model.eval()
 
 
@@ -201,13 +231,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     seed_everything(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.lm)
     processor = AutoImageProcessor.from_pretrained(cfg.vision)
-    model = LlavaLite.from_parts(cfg.vision, cfg.lm, seed=cfg.seed)
+    model = LlavaLite.from_parts(cfg.vision, cfg.lm, seed=cfg.seed, projector=cfg.projector, anyres=cfg.anyres)
     report = build_packed(
         cfg.shards,
         out / "packed",
         tokenizer,
         cfg.template,
-        model.image_tokens,
+        model.tokens_for if cfg.anyres else model.image_tokens,
         cfg.max_len,
         packing=cfg.packing,
         system=cfg.system,
@@ -219,10 +249,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     reader = PackedReader(out / "packed", seed=cfg.seed)
     steps_per_epoch = math.ceil(len(reader) / cfg.rows_per_step)
     max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    loaded = init_weights(model, cfg.init_from, cfg.stage) if cfg.init_from else []
+    loaded = init_weights(model, cfg.init_from) if cfg.init_from else []
     params = model.trainable(cfg.stage)
     model.train()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    image_inputs = model.image_inputs(processor)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
     ckdir = out / "checkpoints"
     ckdir.mkdir(exist_ok=True)
@@ -239,7 +270,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
             break
         t0 = time.perf_counter()
         rows = reader.next_rows(cfg.rows_per_step)
-        batches = [collate(rows[i : i + micro], processor, pad_id) for i in range(0, len(rows), micro)]
+        batches = [collate(rows[i : i + micro], image_inputs, pad_id) for i in range(0, len(rows), micro)]
         n_labels = sum(_label_count(b) for b in batches)
         lr = optimizer.param_groups[0]["lr"]
         loss_sum = 0.0
@@ -251,6 +282,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
                 seq_lens=b["seq_lens"],
                 labels=b["labels"],
                 reduction="sum",
+                image_sizes=b["image_sizes"],
             )
             (ls[0] / max(n_labels, 1)).backward()
             loss_sum += float(ls[0].detach())
