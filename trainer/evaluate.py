@@ -91,6 +91,7 @@ def answer_logprobs(
     scores = torch.empty(len(qs), len(cands))
     pad_id = tokenizer.pad_token_id or 0
     px_cache: dict[int, torch.Tensor] = {}
+    dev = next(model.parameters()).device
     model.eval()
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -115,13 +116,16 @@ def answer_logprobs(
                 raw = image if image is not None else qs[qi].image
                 px_cache[qi] = pixels(processor, Image.open(io.BytesIO(raw)).convert("RGB"))  # [C, H, W]
         pixel_values = torch.stack([px_cache[qi] for qi, _ in chunk])  # [B, C, H, W]
-        logits, _ = model(ids, pixel_values=pixel_values, seq_lens=[[len(e.input_ids)] for e in encs])  # [B, T, V]
+        logits, _ = model(
+            ids.to(dev), pixel_values=pixel_values.to(dev), seq_lens=[[len(e.input_ids)] for e in encs]
+        )  # [B, T, V]
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]: predicts tokens 1..T-1
-        target = labels[:, 1:]  # [B, T-1]
+        target = labels[:, 1:].to(dev)  # [B, T-1]
         mask = target != IGNORE_INDEX
         tok = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * mask  # [B, T-1]
+        sums = tok.sum(1).cpu()  # [B]
         for b, (qi, ci) in enumerate(chunk):
-            scores[qi, ci] = tok[b].sum()
+            scores[qi, ci] = sums[b]
     return scores
 
 
