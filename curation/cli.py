@@ -200,6 +200,47 @@ def train(
     print(json.dumps({k: v for k, v in summary.items() if k != "init_loaded"}, indent=2, default=str))
 
 
+@app.command("eval")
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="a finished `curate train` out dir (or its final/)"),
+    shards: list[Path] = typer.Option(
+        ..., "--shards", help="instruct shards: Parquet files or directories of part-*.parquet (run-dir stages too)"
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="questions to evaluate (default: all)"),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="tokens generated per answer at most"),
+    out: Path | None = typer.Option(None, "--out", help="the JSON file (default CHECKPOINT/eval/NAME.json)"),
+    ranking: bool = typer.Option(
+        False, "--ranking", help="also rank the candidate answers of colour/count questions by log-likelihood"
+    ),
+    max_answer_words: int = typer.Option(5, min=1, help="longer answers are skipped (counted)"),
+    max_answer_chars: int = typer.Option(32, min=1, help="longer answers are skipped (counted)"),
+    batch_size: int = typer.Option(16, min=1, help="questions generated together"),
+    device: str | None = typer.Option(None, help="torch device (default: cuda when there is one, else cpu)"),
+):
+    """Score a trained run on instruct shards' short-answer questions (greedy answers: exact and normalised match,
+    per question type); the JSON goes beside the run, one file per set of shards, side by side."""
+    import pyarrow as pa
+
+    from trainer.eval_shards import evaluate_shards, write_report
+
+    try:
+        report = evaluate_shards(
+            checkpoint,
+            shards,
+            limit,
+            max_new_tokens,
+            max_answer_words,
+            max_answer_chars,
+            batch_size,
+            ranking,
+            device,
+        )
+        path = write_report(report, out)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        fail(str(e))
+    print(json.dumps({**{k: v for k, v in report.items() if k != "mistakes"}, "written": str(path)}, indent=2))
+
+
 @app.command()
 def regenerate(
     prompts: Path = typer.Option(

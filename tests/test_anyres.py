@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, LlavaNextForConditio
 
 from tests.test_train import cfg, env, log  # noqa: F401 - env is a fixture
 from trainer.anyres import AnyRes, grid_shape
+from trainer.eval_shards import evaluate_shards
 from trainer.export_hf import export_hf
 from trainer.model import LlavaLite, PatchMerger
 from trainer.train import load_trained, train
@@ -145,6 +146,9 @@ def test_stage_one_point_five_trains_every_part(env, tmp_path):  # noqa: F811
     assert state["stage"] == 1.5
     opt = torch.load(tmp_path / "s15" / "checkpoints" / "step-3" / "optimizer.pt", weights_only=False)
     assert sorted(g["initial_lr"] for g in opt["param_groups"]) == [2e-6, 1e-3]
+    report = evaluate_shards(tmp_path / "s15", [env["chat"]], rank=True)  # `curate eval` on an AnyRes model
+    assert report["questions"] == 48 and 0 <= report["metrics"]["overall"]["exact"] <= 1
+    assert report["ranking"]["colour"]["n"] > 0  # the colour questions, scored through the AnyRes views
     # stage 2 from it starts from the stage-1.5 tower, not the original one
     s2 = train(cfg(env, tmp_path / "s2", max_steps=1, init_from=str(tmp_path / "s15"), anyres=c.anyres))
     assert any(k.startswith("vision.") for k in s2["init_loaded"]) and "image_newline" in s2["init_loaded"]

@@ -120,11 +120,11 @@ def image_views(processor: LlavaNextImageProcessor, image: Image.Image | bytes) 
 class ImageInputs:
     """A model's pixel inputs for a list of images (bytes or PIL): (pixel_values [n_views, C, t, t], image_sizes).
 
-    Fixed resolution: one view each, padded to a square in the mean colour first (LLaVA-1.5's `pad`), no sizes;
-    AnyRes: LlavaNextImageProcessor's views and each image's (H, W)."""
+    Fixed resolution: one view each, padded to a square in the mean colour first (LLaVA-1.5's `pad`; `pad=False`:
+    the processor's resize and centre crop), no sizes; AnyRes: LlavaNextImageProcessor's views and each (H, W)."""
 
-    def __init__(self, processor, pinpoints: list[list[int]] | None = None):
-        self.processor, self.pinpoints = processor, pinpoints
+    def __init__(self, processor, pinpoints: list[list[int]] | None = None, pad: bool = True):
+        self.processor, self.pinpoints, self.pad = processor, pinpoints, pad
         self.next = next_processor(processor, pinpoints) if pinpoints else None
 
     def __call__(self, images: Sequence) -> tuple[torch.Tensor | None, list[list[int]] | None]:
@@ -134,6 +134,6 @@ class ImageInputs:
             return None, None
         pil = [Image.open(io.BytesIO(b)) if isinstance(b, bytes) else b for b in images]
         if self.next is None:
-            return torch.stack([pixels(self.processor, im.convert("RGB")) for im in pil]), None
+            return torch.stack([pixels(self.processor, im.convert("RGB"), self.pad) for im in pil]), None
         views = [image_views(self.next, im) for im in pil]
         return torch.cat([v for v, _ in views]), [s for _, s in views]

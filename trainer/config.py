@@ -47,7 +47,8 @@ class TrainConfig(BaseModel):
     vision: str = DEFAULT_VISION
     lm: str = DEFAULT_LM
     projector: Literal["mlp", "patch_merge"] = "mlp"  # LLaVA's 2-layer MLP, or OneVision-1.5's 2x2 patch merge
-    anyres: AnyRes | None = None  # LLaVA-NeXT's tiles + base view (trainer.anyres); None: one padded square view
+    anyres: AnyRes | None = None  # LLaVA-NeXT's tiles + base view (trainer.anyres); None: one view per image
+    pad_to_square: bool = True  # one view: LLaVA-1.5's pad to a square first; false: the processor's centre crop
     out: str
     template: Literal["plain", "chat"] | None = None  # default: plain for stage 1, chat for stage 2
     system: str | None = None  # system message for the chat template

@@ -91,6 +91,7 @@ def answer_logprobs(
     pad_id = tokenizer.pad_token_id or 0
     inputs = model.image_inputs(processor)
     views: dict[int, tuple[torch.Tensor, list[int] | None]] = {}  # question -> its image's views and (H, W)
+    dev = next(model.parameters()).device
     model.eval()
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -117,14 +118,18 @@ def answer_logprobs(
         pixel_values = torch.cat([views[qi][0] for qi, _ in chunk])  # [n_views, C, H, W]
         sizes = [views[qi][1] for qi, _ in chunk] if model.anyres else None
         logits, _ = model(
-            ids, pixel_values=pixel_values, seq_lens=[[len(e.input_ids)] for e in encs], image_sizes=sizes
+            ids.to(dev),
+            pixel_values=pixel_values.to(dev),
+            seq_lens=[[len(e.input_ids)] for e in encs],
+            image_sizes=sizes,
         )  # [B, T, V]
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]: predicts tokens 1..T-1
-        target = labels[:, 1:]  # [B, T-1]
+        target = labels[:, 1:].to(dev)  # [B, T-1]
         mask = target != IGNORE_INDEX
         tok = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * mask  # [B, T-1]
+        sums = tok.sum(1).cpu()  # [B]
         for b, (qi, ci) in enumerate(chunk):
-            scores[qi, ci] = tok[b].sum()
+            scores[qi, ci] = sums[b]
     return scores
 
 

@@ -202,6 +202,7 @@ class LlavaLite(nn.Module):
         image_token_id: int | None = None,
         packed_attention: str = "varlen",
         anyres: AnyRes | None = None,
+        pad_to_square: bool = True,
     ):
         super().__init__()
         self.vision, self.lm = vision, lm
@@ -209,7 +210,7 @@ class LlavaLite(nn.Module):
         self.image_token_id = image_token_id
         self.packed_attention = packed_attention  # "varlen" (per-sample attention) or "mask" (dense reference)
         self.tile = vision.config.image_size
-        self.anyres = anyres
+        self.anyres, self.pad_to_square = anyres, pad_to_square
         self.pinpoints = anyres.pinpoints(self.tile) if anyres else None
         if anyres:
             hidden = lm.config.hidden_size
@@ -226,6 +227,7 @@ class LlavaLite(nn.Module):
         packed_attention: str = "varlen",
         projector: str = "mlp",
         anyres: AnyRes | None = None,
+        pad_to_square: bool = True,
     ) -> LlavaLite:
         """Load vision tower, LM and the `<image>` id with from_pretrained; a fresh projector (and newline) from
         `seed`."""
@@ -240,6 +242,7 @@ class LlavaLite(nn.Module):
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             packed_attention=packed_attention,
             anyres=anyres,
+            pad_to_square=pad_to_square,
         )
 
     @property
@@ -262,7 +265,7 @@ class LlavaLite(nn.Module):
 
     def image_inputs(self, processor) -> ImageInputs:
         """What turns this model's images into (pixel_values, image_sizes), from the tower's image processor."""
-        return ImageInputs(processor, self.pinpoints)
+        return ImageInputs(processor, self.pinpoints, self.pad_to_square)
 
     def train(self, mode: bool = True) -> LlavaLite:
         """Switch train/eval mode; the vision tower always stays in eval (CLIP has no dropout; stage 1.5 trains it

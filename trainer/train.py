@@ -190,6 +190,7 @@ def parts_spec(model: LlavaLite) -> dict:
     return {
         "projector": "patch_merge" if isinstance(model.projector, PatchMerger) else "mlp",
         "anyres": model.anyres.model_dump() if model.anyres else None,
+        "pad_to_square": model.pad_to_square,
     }
 
 
@@ -201,7 +202,13 @@ def load_trained(out: str | Path) -> LlavaLite:
         raise FileNotFoundError(f"{final}: no finished training here (projector.safetensors missing)")
     spec = json.loads((final / PARTS).read_text()) if (final / PARTS).exists() else {}
     anyres = AnyRes(**spec["anyres"]) if spec.get("anyres") else None
-    model = LlavaLite.from_parts(final / "vision", final / "lm", projector=spec.get("projector", "mlp"), anyres=anyres)
+    model = LlavaLite.from_parts(
+        final / "vision",
+        final / "lm",
+        projector=spec.get("projector", "mlp"),
+        anyres=anyres,
+        pad_to_square=spec.get("pad_to_square", True),
+    )
     model.projector.load_state_dict(load_file(str(final / "projector.safetensors")))
     if anyres:
         model.image_newline.data.copy_(load_file(str(final / "trainable.safetensors"))["image_newline"])
@@ -231,7 +238,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     seed_everything(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.lm)
     processor = AutoImageProcessor.from_pretrained(cfg.vision)
-    model = LlavaLite.from_parts(cfg.vision, cfg.lm, seed=cfg.seed, projector=cfg.projector, anyres=cfg.anyres)
+    model = LlavaLite.from_parts(
+        cfg.vision, cfg.lm, seed=cfg.seed, projector=cfg.projector, anyres=cfg.anyres, pad_to_square=cfg.pad_to_square
+    )
     report = build_packed(
         cfg.shards,
         out / "packed",
