@@ -303,3 +303,42 @@ def sources(d: list[dict]) -> list[Row]:
             None,
         ),
     ]
+
+
+def anyres(d: list[dict]) -> list[Row]:
+    by = {a: [r for r in d if r["arm"] == a] for a in ("anyres", "pad", "crop")}
+
+    def mean(arm: str, key: str) -> float:
+        return sum(r[key] for r in by[arm]) / len(by[arm])
+
+    seeds = len(by["anyres"])
+    acc, crop, pad = mean("anyres", "accuracy"), mean("crop", "accuracy"), mean("pad", "accuracy")
+    return [
+        Row(
+            18,
+            f"AnyRes held-out colour accuracy, object near a long side of 4:1 images ({seeds} seeds)",
+            f"{acc:.3f}",
+            f"{crop:.3f} (one view, centre crop); {pad:.3f} (one view, padded)",
+            f"{acc - crop:+.3f}",
+            "> crop by 0.2",
+            acc - crop > 0.2,
+        ),
+        Row(
+            18,
+            "same, image tokens per sample",
+            _f(mean("anyres", "image_tokens_per_sample"), 1),
+            _f(mean("pad", "image_tokens_per_sample"), 1),
+            f"{mean('anyres', 'image_tokens_per_sample') / mean('pad', 'image_tokens_per_sample'):.2f}x",
+            "",
+            None,
+        ),
+        Row(
+            18,
+            "same, seconds per step",
+            _f(mean("anyres", "s_per_step"), 3),
+            _f(mean("pad", "s_per_step"), 3),
+            f"{mean('anyres', 's_per_step') / mean('pad', 's_per_step'):.2f}x",
+            "",
+            None,
+        ),
+    ]

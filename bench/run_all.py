@@ -22,7 +22,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 # bench/ is on sys.path when this script runs
-from figures import Row, balance, build_packed, e2e, embed, ingest, match, near_dup, openai, pack, sources, train
+from figures import (
+    Row,
+    anyres,
+    balance,
+    build_packed,
+    e2e,
+    embed,
+    ingest,
+    match,
+    near_dup,
+    openai,
+    pack,
+    sources,
+    train,
+)
 from figures_quality import concepts, decontaminate, dedup_truth, learning, learning_balance, semdedup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +93,7 @@ BENCHES = [
         ["--files", "3", "--rows", "200", "--tars", "1", "--per-tar", "20", "--rounds", "1"],
     ),
     Bench("learning", [], learning, ["--urls", "100", "--steps", "5"], script="learning.py"),
+    Bench("anyres", ["--seeds", "0", "1"], anyres, ["--train", "24", "--held-out", "12", "--steps", "2"]),
     Bench("concepts", ["--n", "6000", "--steps", "600"], concepts, ["--n", "60", "--steps", "2"]),
     Bench(
         "learning_balance",
