@@ -8,6 +8,7 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from trainer.model import LlavaLite
+from trainer.template import Template, chat_template
 
 # LlavaLite module prefix -> LlavaForConditionalGeneration prefix (transformers 5.x layout)
 KEY_MAP = {
@@ -46,8 +47,18 @@ def llava_state_dict(model: LlavaLite) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(model: LlavaLite, tokenizer, image_processor, out_dir: str | Path) -> Path:
-    """Write config, safetensors weights, tokenizer and LlavaProcessor to `out_dir`; return it."""
+def export_hf(
+    model: LlavaLite,
+    tokenizer,
+    image_processor,
+    out_dir: str | Path,
+    template: Template = "chat",
+    system: str | None = None,
+) -> Path:
+    """Write config, safetensors weights, tokenizer and LlavaProcessor to `out_dir`; return it.
+
+    `template` and `system` are the run's (TrainConfig): the export's chat template (chat_template.jinja, read by
+    transformers and vLLM) renders the prompts the model was trained on (trainer.template.chat_template)."""
     out_dir = Path(out_dir)
     config = llava_config(model)
     hf = LlavaForConditionalGeneration(config)
@@ -61,14 +72,20 @@ def export_hf(model: LlavaLite, tokenizer, image_processor, out_dir: str | Path)
     if config.tie_word_embeddings:
         hf.tie_weights()
     hf.save_pretrained(str(out_dir))
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=model.vision.config.patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=tokenizer.chat_template,
-        image_token="<image>",
-        num_additional_image_tokens=1,  # CLIP's CLS, removed again by the "default" strategy
-    )
-    processor.save_pretrained(str(out_dir))
+    jinja = chat_template(tokenizer, template, system)
+    own = tokenizer.chat_template
+    tokenizer.chat_template = jinja  # the tokenizer and the processor save the same chat_template.jinja
+    try:
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=model.vision.config.patch_size,
+            vision_feature_select_strategy="default",
+            chat_template=jinja,
+            image_token="<image>",
+            num_additional_image_tokens=1,  # CLIP's CLS, removed again by the "default" strategy
+        )
+        processor.save_pretrained(str(out_dir))
+    finally:
+        tokenizer.chat_template = own
     return out_dir
