@@ -18,7 +18,8 @@ from transformers import PreTrainedTokenizerFast
 from schemas.arrow import arrow_schema
 from schemas.rows import ImageInstruction, Instruction
 from trainer.data import InstructionLoader
-from trainer.template import IGNORE, EncodeError, encode, length
+from trainer.template import IGNORE, EncodeError, chat_template, encode, length
+from trainer.tiny import CHAT_TEMPLATE
 
 SPECIALS = [
     "<s>",
@@ -220,6 +221,86 @@ def test_turn_models_are_accepted():
     )
     e = encode(inst.conversations, TOKS["qwen"], "chat", N)
     check(e, TOKS["qwen"], ["the cat"])
+
+
+def _served_ids(tok, jinja: str, msgs: list[dict], prompt: bool) -> list[int]:
+    """Token ids a server gets from `jinja` (no special tokens added, each <image> expanded to N positions)."""
+    text = tok.apply_chat_template(msgs, chat_template=jinja, tokenize=False, add_generation_prompt=prompt)
+    img = tok.convert_tokens_to_ids("<image>")
+    return [t for i in tok(text, add_special_tokens=False).input_ids for t in ([i] * N if i == img else [i])]
+
+
+def _reply_starts(labels: list[int]) -> list[int]:
+    return [i for i, lab in enumerate(labels) if lab != IGNORE and (i == 0 or labels[i - 1] == IGNORE)]
+
+
+PROMPT_CASES = ["simple", "empty_system", "system", "multi_turn", "unicode", "tag_like", "one_token", "role_word"]
+
+
+def _bos_tok() -> PreTrainedTokenizerFast:
+    """The fallback tokenizer putting <s> in front of text by default (the plain template then starts with it)."""
+    tok = make_tok(None)
+    bos = [processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])]
+    tok._tokenizer.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=True), *bos])
+    return tok
+
+
+EXPORT_TOKS = {**TOKS, "fallback_bos": _bos_tok()}
+
+
+@pytest.mark.parametrize("tok_name", list(EXPORT_TOKS))
+@pytest.mark.parametrize("case", PROMPT_CASES)
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_exported_chat_template_renders_what_was_trained(tok_name, case, template):
+    """The chat template an export carries: the whole conversation is the trained ids, and the prompt before each
+    reply (add_generation_prompt) is the trained ids up to that reply, less at most a whitespace token (a prompt
+    ending in "ASSISTANT:" leaves the space to the reply, which a BPE tokenizes with its first word)."""
+    tok, (c, system) = EXPORT_TOKS[tok_name], CASES[case]
+    jinja = chat_template(tok, template, system)
+    e = encode(c, tok, template, N, system=system)
+    msgs = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in c]
+    assert _served_ids(tok, jinja, msgs, prompt=False) == e.input_ids
+    starts = _reply_starts(e.labels)
+    replies = [k for k, m in enumerate(msgs) if m["role"] == "assistant"][: len(starts)]
+    for k, start in zip(replies, starts):
+        served = _served_ids(tok, jinja, msgs[:k], prompt=True)
+        assert served == e.input_ids[: len(served)] and tok.decode(e.input_ids[len(served) : start]).strip() == ""
+        assert start - len(served) <= 1, (k, tok.decode(e.input_ids))
+
+
+@pytest.mark.parametrize("jinja", ["fallback", "plain", "tiny"])
+def test_image_parts_render_as_the_trained_image_line(jinja):
+    """OpenAI-style content (text then image part, as the stages send it) renders as LLaVA's `<image>\n{text}`."""
+    tok = TOKS["fallback"]
+    template = {"fallback": chat_template(tok, "chat"), "plain": chat_template(tok, "plain"), "tiny": CHAT_TEMPLATE}
+    parts = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    for prompt in (True, False):
+        as_parts, as_text = (
+            tok.apply_chat_template(
+                [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, {"role": "user", "content": u}]
+                + ([] if prompt else [{"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]),
+                chat_template=template[jinja],
+                tokenize=False,
+                add_generation_prompt=prompt,
+            )
+            for u in (parts, "<image>\nWhat is it?")
+        )
+        assert as_parts == as_text and as_text.count("<image>") == 1
+    two = [{"type": "image"}, {"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}]
+    msgs = [{"role": "user", "content": two}]
+    out = tok.apply_chat_template(msgs, chat_template=template[jinja], tokenize=False, add_generation_prompt=True)
+    assert ("<image>" if jinja == "plain" else "<image>\n<image>\na\nb") in out
+
+
+def test_fallback_template_quotes_system_and_eos():
+    tok = TOKS["fallback"]
+    system = 'Say "hi" {{ 1 }} \\n\n ok 🙂'
+    c = conv("<image>\nWhat colour is the car?", "It is red.")
+    e = encode(c, tok, "chat", N, system=system)
+    msgs = [{"role": "user", "content": c[0]["value"]}, {"role": "assistant", "content": "It is red."}]
+    assert _served_ids(tok, chat_template(tok, "chat", system), msgs, prompt=False) == e.input_ids
+    with pytest.raises(ValueError, match="plain' or 'chat"):
+        chat_template(tok, "vicuna")
 
 
 def png(i: int) -> bytes:

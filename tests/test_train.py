@@ -24,7 +24,7 @@ from trainer.config import ConfigError, load_config
 from trainer.data import InstructionLoader
 from trainer.model import LlavaLite
 from trainer.packed import PackedReader, resolve_shards
-from trainer.tiny import make_tiny_all
+from trainer.tiny import CHAT_TEMPLATE, make_tiny_all
 from trainer.train import load_trained, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -357,7 +357,7 @@ def test_loss_goes_down_and_job_entrypoint(env, tmp_path):
 
 
 def test_curate_train_then_export_hf(env, tmp_path):
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
     from typer.testing import CliRunner
 
     from curation.cli import app
@@ -382,6 +382,16 @@ def test_curate_train_then_export_hf(env, tmp_path):
     assert res.exit_code == 0, res.output
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
     assert hf.config.vision_feature_layer == -2 and hf.config.image_token_index == 3
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == CHAT_TEMPLATE  # the run's own template
+    # a stage-1 run (plain template) exports the plain chat template: the image, then the caption
+    s1 = ["--set", "stage=1", "--set", f"shards=[{Path(env['caption']).parent}]", "--set", f"out={tmp_path / 's1'}"]
+    assert CliRunner().invoke(app, ["train", str(yaml_path), "--set", "max_steps=1", *s1]).exit_code == 0
+    res = CliRunner().invoke(app, ["export", "hf", str(tmp_path / "s1"), "--to", str(tmp_path / "hf1")])
+    assert res.exit_code == 0, res.output
+    prompt = AutoTokenizer.from_pretrained(tmp_path / "hf1").apply_chat_template(
+        [{"role": "user", "content": "<image>\nDescribe the image."}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<image>"
     bad = CliRunner().invoke(app, ["train", str(yaml_path), "--set", "nonsense=1"])
     assert bad.exit_code == 2 and "nonsense" in bad.output
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from transformers import AutoTokenizer, CLIPImageProcessor, LlavaForConditionalG
 from trainer import model as model_mod
 from trainer.export_hf import export_hf
 from trainer.model import IGNORE_INDEX, LlavaLite, flat_cu_seqlens, positions_from_lens, varlen_sdpa_attention
+from trainer.template import chat_template, encode
 from trainer.tiny import make_tiny_all, make_tiny_lm, make_tiny_tokenizer
 
 ATOL = 1e-5
@@ -120,6 +123,38 @@ def test_export_loads_in_llava_with_same_logits(tiny, samples):
     image = torch.zeros(3, 64, 64, dtype=torch.uint8)
     batch = processor(images=[image], text=["<image>\nWhat colour?"], return_tensors="pt")
     assert int((batch["input_ids"] == model.image_token_id).sum()) == model.image_tokens
+
+
+@pytest.mark.parametrize("template,own", [("chat", True), ("chat", False), ("plain", True)])
+def test_export_carries_the_trained_chat_template(tiny, tmp_path, template, own):
+    """The export's chat template (tokenizer and processor, chat_template.jinja) renders the trained prompt: the
+    tokenizer's own, the Vicuna fallback for a tokenizer without one, or plain; the caller's tokenizer unchanged."""
+    from PIL import Image
+
+    model, tok, system = tiny["model"], tiny["tokenizer"], "Answer briefly."
+    before = tok.chat_template
+    if not own:
+        tok = copy.deepcopy(tok)
+        tok.chat_template = None
+    out = export_hf(model, tok, tiny["processor"], tmp_path / "hf", template=template, system=system)
+    want = chat_template(tok, template, system)
+    assert tok.chat_template == (before if own else None) and tiny["tokenizer"].chat_template == before
+    assert (out / "chat_template.jinja").read_text() == want
+    processor = LlavaProcessor.from_pretrained(str(out))
+    assert processor.chat_template == AutoTokenizer.from_pretrained(str(out)).chat_template == want
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What colour?"}, {"type": "image"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    ids = processor(images=[Image.new("RGB", (64, 64))], text=[prompt], add_special_tokens=False)["input_ids"][0]
+    e = encode(
+        [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}],
+        tok,
+        template,
+        model.image_tokens,
+        system,
+    )
+    start = next(i for i, lab in enumerate(e.labels) if lab != IGNORE_INDEX)
+    assert list(ids) == e.input_ids[: len(ids)] and start - len(ids) in (0, 1), (prompt, tok.decode(e.input_ids))
+    assert ids.count(model.image_token_id) == model.image_tokens
 
 
 def test_vision_frozen_cls_dropped_and_stage_params(tiny, samples):

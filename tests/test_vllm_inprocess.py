@@ -212,8 +212,9 @@ def test_inprocess_engine_recaptions_images_through_the_cache(tmp_path):
     # of their batch is answered
     assert first["broken"]["error_reason"] == "bad_request" and "image" in first["broken"]["error_detail"].lower()
     assert first["too-long"]["error_reason"] == "bad_request" and "4096" in first["too-long"]["error_detail"]
-    # the image reached the model: 16 `<image>` positions (64 px, patch 16) beyond the same text without it
-    assert first["u0"]["usage"]["prompt_tokens"] - res["text_only"][0]["usage"]["prompt_tokens"] == 16
+    # the image reached the model: 16 `<image>` positions (64 px, patch 16) and the newline after them (LLaVA's
+    # "<image>\n{text}") beyond the same text without it
+    assert first["u0"]["usage"]["prompt_tokens"] - res["text_only"][0]["usage"]["prompt_tokens"] == 16 + 1
     # usage: the 4 distinct image requests + the 2 bad ones went to the engine (u0-again came from u0's answer)
     assert s1["requests"] == 6 and s1["successes"] == 4 and s1["failures"] == {"bad_request": 2}
     assert s1["prompt_tokens"] == sum(first[f"u{i}"]["usage"]["prompt_tokens"] for i in range(4))

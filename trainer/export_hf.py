@@ -18,6 +18,7 @@ from transformers import (
 
 from trainer.anyres import next_processor
 from trainer.model import LlavaLite, PatchMerger
+from trainer.template import Template, chat_template
 
 # LlavaLite module prefix -> LlavaForConditionalGeneration prefix (transformers 5.x layout)
 KEY_MAP = {
@@ -70,9 +71,19 @@ HF_CLASSES = {  # config -> (model, processor)
 }
 
 
-def export_hf(model: LlavaLite, tokenizer, image_processor, out_dir: str | Path) -> Path:
-    """Write config, safetensors weights, tokenizer and the processor (LlavaProcessor or LlavaNextProcessor) to
-    `out_dir`; return it."""
+def export_hf(
+    model: LlavaLite,
+    tokenizer,
+    image_processor,
+    out_dir: str | Path,
+    template: Template = "chat",
+    system: str | None = None,
+) -> Path:
+    """Write config, safetensors weights, tokenizer and the processor (LlavaProcessor, or LlavaNextProcessor for
+    AnyRes) to `out_dir`; return it.
+
+    `template` and `system` are the run's (TrainConfig): the export's chat template (chat_template.jinja, read by
+    transformers and vLLM) renders the prompts the model was trained on (trainer.template.chat_template)."""
     out_dir = Path(out_dir)
     config = llava_config(model)
     hf = HF_CLASSES[type(config)][0](config)
@@ -88,14 +99,20 @@ def export_hf(model: LlavaLite, tokenizer, image_processor, out_dir: str | Path)
     hf.save_pretrained(str(out_dir))
     if model.anyres:
         image_processor = next_processor(image_processor, model.pinpoints)
-    processor = HF_CLASSES[type(config)][1](
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=model.vision.config.patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=tokenizer.chat_template,
-        image_token="<image>",
-        num_additional_image_tokens=1,  # CLIP's CLS, removed again by the "default" strategy
-    )
-    processor.save_pretrained(str(out_dir))
+    jinja = chat_template(tokenizer, template, system)
+    own = tokenizer.chat_template
+    tokenizer.chat_template = jinja  # the tokenizer and the processor save the same chat_template.jinja
+    try:
+        processor = HF_CLASSES[type(config)][1](
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=model.vision.config.patch_size,
+            vision_feature_select_strategy="default",
+            chat_template=jinja,
+            image_token="<image>",
+            num_additional_image_tokens=1,  # CLIP's CLS, removed again by the "default" strategy
+        )
+        processor.save_pretrained(str(out_dir))
+    finally:
+        tokenizer.chat_template = own
     return out_dir

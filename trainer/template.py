@@ -1,7 +1,9 @@
-"""Conversation templates: token ids and label masks for LLaVA stage 1 (`plain`) and stage 2 (`chat`)."""
+"""Conversation templates: token ids and label masks for LLaVA stage 1 (`plain`) and stage 2 (`chat`), and the
+Jinja chat template an export carries so that a server renders the prompts the model was trained on."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -118,6 +120,12 @@ def _render_chat(turns, tokenizer, system: str | None) -> tuple[str, list[tuple[
     return text, spans, False
 
 
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS in front of text by default (the plain template then starts with it)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
 def _labelled(offsets, spans) -> list[bool]:
     """Whether each token's character span overlaps an assistant span (zero-width trimmed offsets widened by one)."""
     out = []
@@ -163,9 +171,8 @@ def encode(
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("the plain template needs a tokenizer with an eos_token")
-        bos = tokenizer.bos_token_id
-        if bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos]:
-            ids, mask = [bos] + ids, [False] + mask
+        if _adds_bos(tokenizer):
+            ids, mask = [tokenizer.bos_token_id] + ids, [False] + mask
         ids, mask = ids + [tokenizer.eos_token_id], mask + [any(mask)]
     if not any(m and t != img_id for m, t in zip(mask, ids)):
         raise EncodeError(
@@ -188,3 +195,91 @@ def encode(
 def length(conversations: Sequence, tokenizer, template: Template, image_tokens: int, system: str | None = None) -> int:
     """Token length of a sample (text tokens plus image tokens), as the packer counts it."""
     return len(encode(conversations, tokenizer, template, image_tokens, system).input_ids)
+
+
+def _jinja(template: str, **values: str | None) -> str:
+    """Fill @NAME@ slots with Jinja literals (strings quoted and escaped, None as `none`)."""
+    for name, value in values.items():
+        template = template.replace(f"@{name}@", "none" if value is None else json.dumps(value, ensure_ascii=False))
+    return template
+
+
+# Jinja for the chat templates an export carries (transformers and vLLM render them). A message's content is a
+# string or a list of parts; a list renders as vLLM renders content for a string-content template: its images
+# first, one `<image>` line each, then its text parts joined by newlines (LLaVA's `<image>\n{question}`).
+CONTENT_MACRO = _jinja(
+    "{%- macro content(c) -%}"
+    "{%- if c is string -%}{{ c }}"
+    "{%- else -%}"
+    "{%- set cs = namespace(img='', txt='', n=0) -%}"
+    "{%- for p in c -%}"
+    "{%- if p['type'] in ('image', 'image_url') -%}{%- set cs.img = cs.img + ('\\n' if cs.img else '') + @IMAGE@ -%}"
+    "{%- elif p['type'] == 'text' -%}{%- set cs.txt = cs.txt + ('\\n' if cs.n else '') + p['text'] -%}"
+    "{%- set cs.n = cs.n + 1 -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ cs.img + ('\\n' if cs.img and cs.txt else '') + cs.txt }}"
+    "{%- endif -%}"
+    "{%- endmacro -%}",
+    IMAGE=IMAGE,
+)
+# plain: the user turns' images, then the first reply and EOS; all other text dropped (as _render_plain)
+_PLAIN = (
+    "@BOS@"
+    "{%- set ns = namespace(reply=none) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{%- if m['content'] is string -%}{{ @IMAGE@ * m['content'].count(@IMAGE@) }}"
+    "{%- else -%}{%- for p in m['content'] if p['type'] in ('image', 'image_url') -%}{{ @IMAGE@ }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- elif m['role'] == 'assistant' and ns.reply is none -%}{%- set ns.reply = content(m['content']) -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.reply is not none -%}{{ ns.reply + @EOS@ }}{%- endif -%}"
+)
+# the Vicuna v1 fallback (as _render_fallback); the generation prompt stops before the space that training tokenized
+# with the reply's first word (LLaVA's inference prompt ends at "ASSISTANT:" too)
+_FALLBACK = (
+    "{%- set ns = namespace(system=@SYSTEM@) -%}"
+    "{%- for m in messages if m['role'] == 'system' -%}{%- set ns.system = content(m['content']) -%}{%- endfor -%}"
+    "{%- if ns.system is not none -%}{{ ns.system + @SYSTEM_SEP@ }}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}{{ @USER@ + content(m['content']) + ' ' }}"
+    "{%- elif m['role'] == 'assistant' -%}{{ @ASSISTANT@ + content(m['content']) + @EOS@ }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ @ASSISTANT_PROMPT@ }}{%- endif -%}"
+)
+# a default system message in front of the tokenizer's own template, as encode(system=...) adds it
+_DEFAULT_SYSTEM = (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{%- set messages = [{'role': 'system', 'content': @SYSTEM@}] + messages -%}"
+    "{%- endif -%}"
+)
+
+
+def chat_template(tokenizer, template: Template, system: str | None = None) -> str:
+    """The Jinja chat template rendering what `encode(..., template, system=system)` trains on, for an export.
+
+    chat: the tokenizer's own template (with `system` as the default system message), else the Vicuna v1 fallback;
+    plain: the images and the caption. Rendered with add_special_tokens=False, as vLLM and transformers do."""
+    eos = tokenizer.eos_token or ""
+    if template == "plain":
+        bos = "{{ " + json.dumps(tokenizer.bos_token) + " }}" if _adds_bos(tokenizer) else ""
+        return CONTENT_MACRO + _jinja(_PLAIN.replace("@BOS@", bos), IMAGE=IMAGE, EOS=eos)
+    if template != "chat":
+        raise ValueError(f"template must be 'plain' or 'chat', got {template!r}")
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        if not isinstance(own, str):
+            raise ValueError("the tokenizer has several named chat templates: export needs one")
+        return own if system is None else _jinja(_DEFAULT_SYSTEM, SYSTEM=system) + own
+    return CONTENT_MACRO + _jinja(
+        _FALLBACK,
+        SYSTEM=system,
+        SYSTEM_SEP=FALLBACK_SYSTEM_SEP,
+        USER=FALLBACK_USER,
+        ASSISTANT=FALLBACK_ASSISTANT,
+        ASSISTANT_PROMPT=FALLBACK_ASSISTANT.rstrip(),
+        EOS=eos,
+    )

@@ -16,21 +16,19 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from trainer.template import CONTENT_MACRO
+
 IMAGE_TOKEN, PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<image>", "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN]  # ids 0, 1, 2, 3 in this order
 
 # Chat format, one block per turn (roles: system, user, assistant):
 #   "<s>{role}\n{content}</s>\n"
 # add_generation_prompt=True appends "<s>assistant\n". Content is a string (may hold "<image>") or a list of
-# {"type": "image"} / {"type": "text", "text": ...} parts, an image part rendering as "<image>".
-CHAT_TEMPLATE = (
+# {"type": "image"} / {"type": "text", "text": ...} parts, rendered images first as LLaVA's "<image>\n{text}"
+# (trainer.template.CONTENT_MACRO).
+CHAT_TEMPLATE = CONTENT_MACRO + (
     "{% for message in messages %}"
-    "{{ '<s>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '</s>\n' }}"
+    "{{ '<s>' + message['role'] + '\n' + content(message['content']) + '</s>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}"
 )

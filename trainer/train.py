@@ -216,15 +216,20 @@ def load_trained(out: str | Path) -> LlavaLite:
 
 
 def export_trained(out: str | Path, hf_dir: str | Path) -> Path:
-    """export_hf of a finished run: a LlavaForConditionalGeneration checkpoint in hf_dir."""
+    """export_hf of a finished run: a LlavaForConditionalGeneration checkpoint in hf_dir, whose chat template
+    renders the run's template and system message."""
     from trainer.export_hf import export_hf
 
     final = Path(out) / "final"
+    model = load_trained(out)
+    summary = json.loads((final / "summary.json").read_text())
     return export_hf(
-        load_trained(out),
+        model,
         AutoTokenizer.from_pretrained(str(final / "lm")),
         AutoImageProcessor.from_pretrained(str(final / "vision")),
         hf_dir,
+        template=summary.get("template") or summary["packing"]["template"],
+        system=summary.get("system"),
     )
 
 
@@ -343,6 +348,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         "tokens_per_s": totals["tokens"] / elapsed if elapsed else None,
         "useful_tokens_per_s": totals["useful_tokens"] / elapsed if elapsed else None,
         "final": str(out / "final") if step >= max_steps else None,
+        "template": cfg.template,  # what the export's chat template renders
+        "system": cfg.system,
     }
     if step >= max_steps and (step > resumed_from or not (out / "final").exists()):
         _save_final(out / "final", model, tokenizer, processor, summary)
