@@ -7,7 +7,8 @@ outer quarter of the long side; the question is its colour. Three arms train the
 tower, random and frozen; stage 2) on the same rows for the same steps: `crop` (one view, the processor's resize and
 centre crop: the square is cut off), `pad` (one view padded to a square, LLaVA-1.5: the square shrinks 4x) and
 `anyres` (LLaVA-NeXT's grids at 64 px: a base view plus 3 tiles). Reported per arm: image tokens per sample, seconds
-per step, held-out accuracy beside the blank-image accuracy and the majority rate (trainer.evaluate).
+per step (forward + backward of the same 4 packed rows, the arms interleaved in one process), held-out accuracy beside
+the blank-image accuracy and the majority rate (trainer.evaluate).
 """
 
 from __future__ import annotations
@@ -127,13 +128,59 @@ def run_arm(arm: str, work: Path, parts: dict, shard: Path, train_rows, test_row
         "seed": seed,
         "image_tokens_per_sample": float(np.mean([model.tokens_for(s) for s in sizes])),
         "tokens_per_sample": round(packing["tokens"] / packing["samples"], 1),
-        "s_per_step": round(1 / summary["steps_per_s"], 4),
+        "s_per_step": round(1 / summary["steps_per_s"], 4),  # its own run: noisy on a shared machine
         "accuracy": report["accuracy"],
         "blank_accuracy": report["blank_accuracy"],
         "majority_rate": report["majority_rate"],
         "n": report["n"],
         "last_loss": summary["last_loss"],
     }
+
+
+def step_seconds(work: Path, parts: dict, arms: list[str], seed: int, rounds: int = 20) -> dict[str, tuple[float, int]]:
+    """Per arm: median seconds of one training step (forward + backward of 4 packed rows) and the samples those rows
+    hold, the arms interleaved round by round in this process so that load on the machine falls on all alike."""
+    import statistics
+    import time
+
+    import torch
+    from transformers import AutoImageProcessor
+
+    from trainer.anyres import AnyRes
+    from trainer.model import LlavaLite
+    from trainer.packed import PackedReader, collate
+
+    processor = AutoImageProcessor.from_pretrained(str(parts["vision"]))
+    setups = {}
+    for arm in arms:
+        cfg = ARMS[arm]
+        model = LlavaLite.from_parts(
+            parts["vision"],
+            parts["lm"],
+            anyres=AnyRes(**cfg["anyres"]) if "anyres" in cfg else None,
+            pad_to_square=cfg.get("pad_to_square", True),
+        ).train()
+        params = model.trainable(2)
+        rows = PackedReader(work / f"{arm}-{seed}" / "packed", seed=seed).next_rows(4)
+        setups[arm] = (model, params, rows, model.image_inputs(processor))
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    for _ in range(rounds):
+        for arm, (model, params, rows, inputs) in setups.items():
+            t0 = time.perf_counter()
+            b = collate(rows, inputs, 0)
+            _, loss = model(
+                b["input_ids"],
+                b["pixel_values"],
+                seq_lens=b["seq_lens"],
+                labels=b["labels"],
+                image_sizes=b["image_sizes"],
+            )
+            loss.backward()
+            for p in params:
+                p.grad = None
+            times[arm].append(time.perf_counter() - t0)
+    torch.set_grad_enabled(True)
+    return {a: (statistics.median(t), sum(len(r["lengths"]) for r in setups[a][2])) for a, t in times.items()}
 
 
 def bench(n_train: int, n_held: int, steps: int, seeds: list[int], arms: list[str], work: Path) -> list[dict]:
@@ -153,17 +200,22 @@ def bench(n_train: int, n_held: int, steps: int, seeds: list[int], arms: list[st
         for arm in arms:
             out.append(run_arm(arm, work, parts, shard.parent, train_rows, test_rows, steps, seed))
             print(json.dumps(out[-1]), file=sys.stderr)
+        for arm, (secs, n) in step_seconds(work, parts, arms, seed).items():  # side by side: holds under load
+            r = next(r for r in out if r["arm"] == arm and r["seed"] == seed)
+            r.update(s_per_step_side_by_side=round(secs, 4), ms_per_sample_side_by_side=round(1000 * secs / n, 2))
     return out
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| arm | seed | image tokens / sample | s / step | held-out accuracy | blank-image accuracy | majority rate |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | seed | image tokens / sample | s / step, 4 packed rows | ms / sample | held-out accuracy |"
+        " blank-image accuracy | majority rate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['arm']} | {r['seed']} | {r['image_tokens_per_sample']} | {r['s_per_step']} | {r['accuracy']:.3f} | "
+            f"| {r['arm']} | {r['seed']} | {r['image_tokens_per_sample']:.1f} | {r['s_per_step_side_by_side']} | "
+            f"{r['ms_per_sample_side_by_side']} | {r['accuracy']:.3f} | "
             f"{r['blank_accuracy']:.3f} | {r['majority_rate']:.3f} |"
         )
     return "\n".join(lines)
