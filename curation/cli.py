@@ -189,6 +189,7 @@ def train(
     set_: list[str] = typer.Option([], "--set", help="override a field: KEY=VALUE (YAML value)"),
 ):
     """Train the compact LLaVA on instruction shards (stage 1 projector, stage 2 projector + LLM); reruns resume."""
+    from trainer import distributed
     from trainer.config import ConfigError, load_config
     from trainer.train import train as run_train
 
@@ -196,8 +197,11 @@ def train(
         cfg = load_config(config, set_)
     except ConfigError as e:
         fail(str(e))
-    summary = run_train(cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != "init_loaded"}, indent=2, default=str))
+    with distributed.process_group():  # under torchrun: data-parallel ranks (trainer/distributed.py)
+        summary = run_train(cfg)
+        main_rank = distributed.is_main()
+    if main_rank:
+        print(json.dumps({k: v for k, v in summary.items() if k != "init_loaded"}, indent=2, default=str))
 
 
 @app.command("eval")

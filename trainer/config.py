@@ -70,6 +70,7 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
     init_from: str | None = None  # a checkpoint dir, a run's out dir (final/ or latest checkpoint)
+    fsdp: bool = False  # shard the LM over ranks (FSDP2; trainer/distributed.py); needs a multi-process launch
 
     @model_validator(mode="after")
     def _stage_defaults(self) -> TrainConfig:

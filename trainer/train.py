@@ -8,6 +8,10 @@ An `out` dir:
     out/checkpoints/latest              the name of the newest complete checkpoint (written after its dir)
     out/final/                          vision/, lm/ (HF folders with processor/tokenizer), projector.safetensors,
                                         trainable.safetensors, parts.json, summary.json: what load_trained() reads
+
+Under torchrun or Ray Train (trainer/distributed.py) the same loop runs data-parallel: a step's `rows_per_step`
+global rows are split over the ranks, the gradient is the one a single process computes on them, rank 0 packs,
+logs and writes; checkpoints do not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoTokenizer
 
+from trainer import distributed as dist_
 from trainer.anyres import AnyRes
 from trainer.config import TrainConfig
 from trainer.model import IGNORE_INDEX, LlavaLite, PatchMerger, segment_ids, shifted_targets
@@ -107,13 +112,24 @@ def optimizer_groups(model: LlavaLite, params: list[torch.nn.Parameter], cfg: Tr
 def _write_checkpoint(
     ckdir: Path, model, optimizer, scheduler, step: int, reader: PackedReader, cfg: TrainConfig, keep: int
 ) -> Path:
-    """Write step-N atomically (temp dir, rename), then the `latest` pointer; prune older checkpoints."""
+    """Write step-N atomically (temp dir, rename), then the `latest` pointer; prune older checkpoints.
+    Called on every rank (a gather under FSDP); rank 0 writes, the others wait."""
     final = ckdir / f"step-{step}"
+    full = dist_.full_state(model, optimizer)
+    if full is not None:
+        _write_checkpoint_files(ckdir, final, full, scheduler, step, reader, cfg, keep)
+    dist_.barrier()
+    return final
+
+
+def _write_checkpoint_files(
+    ckdir: Path, final: Path, full: tuple[dict, dict], scheduler, step: int, reader: PackedReader, cfg, keep: int
+) -> None:
     tmp = ckdir / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(full[0], str(tmp / "trainable.safetensors"))
+    torch.save(full[1], tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(
@@ -127,7 +143,6 @@ def _write_checkpoint(
     steps = sorted(int(p.name[5:]) for p in ckdir.glob("step-*") if p.name[5:].isdigit())
     for s in steps[:-keep]:
         shutil.rmtree(ckdir / f"step-{s}", ignore_errors=True)
-    return final
 
 
 def _resume(ckdir: Path, model, optimizer, scheduler, reader: PackedReader, cfg: TrainConfig) -> int:
@@ -143,8 +158,7 @@ def _resume(ckdir: Path, model, optimizer, scheduler, reader: PackedReader, cfg:
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state) != names:
         raise KeyError(f"{ck}: checkpoint holds other trainable params than this run")
-    model.load_state_dict(state, strict=False)
-    optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
+    dist_.load_full_state(model, optimizer, state, torch.load(ck / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(ck / "rng.pt", weights_only=False))
     reader.load_state(meta["reader"])
@@ -165,6 +179,11 @@ def _label_count(batch: dict) -> int:
     """Tokens that carry loss after the shift (what reduction='sum' counts)."""
     seg = segment_ids(batch["seq_lens"], batch["input_ids"].shape[1])
     return int((shifted_targets(batch["labels"], seg) != IGNORE_INDEX).sum())
+
+
+def _fsdp_padding(cfg: TrainConfig, rows: int, world: int, micro: int, batches: int) -> int:
+    """Zero-weighted forwards this rank adds under FSDP, so every rank runs as many (each gathers the LM)."""
+    return math.ceil(math.ceil(rows / world) / micro) - batches if cfg.fsdp else 0
 
 
 def _save_final(final: Path, model: LlavaLite, tokenizer, processor, summary: dict) -> None:
@@ -236,27 +255,39 @@ def export_trained(out: str | Path, hf_dir: str | Path) -> Path:
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """Train (or resume the run in cfg.out) to max_steps; `stop_after` stops early without saving (a simulated kill).
 
-    Returns a summary: steps, final loss, timings, packing report, and where the final weights are.
+    Returns a summary: steps, final loss, timings, packing report, and where the final weights are. Under a process
+    group (trainer/distributed.py) every rank calls this with the same config; the summary's counts are global.
     """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.lm)
     processor = AutoImageProcessor.from_pretrained(cfg.vision)
-    model = LlavaLite.from_parts(
-        cfg.vision, cfg.lm, seed=cfg.seed, projector=cfg.projector, anyres=cfg.anyres, pad_to_square=cfg.pad_to_square
-    )
-    report = build_packed(
-        cfg.shards,
-        out / "packed",
-        tokenizer,
-        cfg.template,
-        model.tokens_for if cfg.anyres else model.image_tokens,
-        cfg.max_len,
-        packing=cfg.packing,
-        system=cfg.system,
-        key=cfg.data_key(),
-        method=cfg.pack_method,
+
+    def build() -> LlavaLite:
+        return LlavaLite.from_parts(
+            cfg.vision,
+            cfg.lm,
+            seed=cfg.seed,
+            projector=cfg.projector,
+            anyres=cfg.anyres,
+            pad_to_square=cfg.pad_to_square,
+        )
+
+    model = build()
+    report = dist_.on_main(  # rank 0 packs; the others wait for its report
+        lambda: build_packed(
+            cfg.shards,
+            out / "packed",
+            tokenizer,
+            cfg.template,
+            model.tokens_for if cfg.anyres else model.image_tokens,
+            cfg.max_len,
+            packing=cfg.packing,
+            system=cfg.system,
+            key=cfg.data_key(),
+            method=cfg.pack_method,
+        )
     )
     if report["rows"] == 0:
         raise ValueError(f"no trainable samples in {cfg.shards}: rejects {report['rejects']}")
@@ -265,6 +296,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     loaded = init_weights(model, cfg.init_from) if cfg.init_from else []
     params = model.trainable(cfg.stage)
+    rank, world, device = dist_.rank(), dist_.world(), dist_.device()
+    if cfg.fsdp:
+        params = dist_.shard(model)
+    else:
+        model.to(device)
     model.train()
     optimizer = torch.optim.AdamW(optimizer_groups(model, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     image_inputs = model.image_inputs(processor)
@@ -273,7 +309,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     ckdir.mkdir(exist_ok=True)
     step = _resume(ckdir, model, optimizer, scheduler, reader, cfg)
     log_path = out / "log.jsonl"
-    _truncate_log(log_path, step)
+    if dist_.is_main():
+        _truncate_log(log_path, step)
     resumed_from = step
     micro = cfg.micro_rows or cfg.rows_per_step
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -283,12 +320,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         if stop_after is not None and step >= stop_after:
             break
         t0 = time.perf_counter()
-        rows = reader.next_rows(cfg.rows_per_step)
-        batches = [collate(rows[i : i + micro], image_inputs, pad_id) for i in range(0, len(rows), micro)]
-        n_labels = sum(_label_count(b) for b in batches)
+        rows = reader.next_rows(cfg.rows_per_step)  # the step's global rows; this rank trains on rows[rank::world]
+        mine = rows[rank::world]
+        batches = [collate(mine[i : i + micro], image_inputs, pad_id) for i in range(0, len(mine), micro)]
+        n_labels = int(dist_.all_reduce_sum([sum(_label_count(b) for b in batches)])[0])
         lr = optimizer.param_groups[0]["lr"]
         loss_sum = 0.0
-        for b in batches:
+        pad = _fsdp_padding(cfg, len(rows), world, micro, len(batches))
+        for i, b in enumerate(batches + [collate(rows[:1], image_inputs, pad_id)] * pad):
+            w, b = float(i < len(batches)), dist_.to_device(b, device)
             _, ls = model(
                 b["input_ids"],
                 pixel_values=b["pixel_values"],
@@ -298,19 +338,21 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
                 reduction="sum",
                 image_sizes=b["image_sizes"],
             )
-            (ls[0] / max(n_labels, 1)).backward()
-            loss_sum += float(ls[0].detach())
+            (ls[0] * w / max(n_labels, 1)).backward()
+            loss_sum += w * float(ls[0].detach())
+        dist_.sum_gradients(params)
         grad_norm = None
         if cfg.grad_clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            grad_norm = dist_.clip_grad_norm(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        keys = ("tokens", "useful_tokens", "samples")
+        loss_sum, *counts = dist_.all_reduce_sum([loss_sum, *(sum(b[k] for b in batches) for k in keys)])
         last_loss = loss_sum / max(n_labels, 1)
         dt = time.perf_counter() - t0
-        for k in ("tokens", "useful_tokens", "samples"):
-            n = sum(b[k] for b in batches)
+        for k, n in zip(keys, map(int, counts)):
             totals[k] += n
             window[k] += n
         window["time"] += dt
@@ -329,8 +371,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
                 "samples_per_s": window["samples"] / window["time"],
                 "steps_per_s": cfg.log_every / window["time"] if step % cfg.log_every == 0 else None,
             }
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            if dist_.is_main():
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
             window = {"tokens": 0, "useful_tokens": 0, "samples": 0, "time": 0.0}
         if step % cfg.checkpoint_every == 0 or step == max_steps:
             _write_checkpoint(ckdir, model, optimizer, scheduler, step, reader, cfg, cfg.keep_checkpoints)
@@ -351,6 +394,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
         "template": cfg.template,  # what the export's chat template renders
         "system": cfg.system,
     }
-    if step >= max_steps and (step > resumed_from or not (out / "final").exists()):
-        _save_final(out / "final", model, tokenizer, processor, summary)
+    if dist_.broadcast(step >= max_steps and (step > resumed_from or not (out / "final").exists())):  # rank 0 decides
+        plain = dist_.unsharded(model, build)
+        if plain is not None:
+            _save_final(out / "final", plain, tokenizer, processor, summary)
+        dist_.barrier()
     return summary
