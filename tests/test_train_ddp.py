@@ -125,6 +125,17 @@ def test_two_ranks_train_what_one_rank_trains(env, reference, tmp_path):
     assert ck["reader"] == json.loads((reference / "checkpoints" / "step-6" / "state.json").read_text())["reader"]
 
 
+def test_two_ranks_stage_one_point_five_with_anyres(env, tmp_path):
+    """Every part trains (the tower at its own lr) on AnyRes views: still the 1-rank run."""
+    c = conf(env, tmp_path / "one", stage=1.5, max_steps=3, anyres={"grid_pinpoints": [[64, 128], [128, 64]]})
+    one_rank(c)
+    torchrun({**c, "out": str(tmp_path / "two")})
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert any(k.startswith("vision.") for k in weights(tmp_path / "two")) and "image_newline" in weights(
+        tmp_path / "two"
+    )
+
+
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_uneven_steps_do_not_deadlock(env, tmp_path, fsdp):
     """11 rows, 5 a step, one row a forward, 2 epochs: shares of 3 and 2 rows (different numbers of forwards), and
