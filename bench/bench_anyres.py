@@ -1,6 +1,6 @@
 """AnyRes vs one fixed-resolution view (issue 18) on non-square images whose only object sits near a long side.
 
-    .venv/bin/python bench/bench_anyres.py [--train 800] [--held-out 200] [--steps 400] [--seeds 0] [--json]
+    .venv/bin/python bench/bench_anyres.py [--train 800] [--held-out 200] [--steps 600] [--seeds 0] [--json]
 
 Images are 64x256 or 256x64 (H x W, 4:1, wide or tall), white with light noise, one coloured square of 20 px in the
 outer quarter of the long side; the question is its colour. Three arms train the tiny model (trainer.tiny: 64 px
@@ -225,7 +225,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", type=int, default=800)
     ap.add_argument("--held-out", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--json", action="store_true")
