@@ -342,3 +342,28 @@ def anyres(d: list[dict]) -> list[Row]:
             None,
         ),
     ]
+
+
+def ddp(d: list[dict]) -> list[Row]:
+    r = d[-1]
+    runs = r["runs"]
+    return [
+        Row(
+            18,
+            f"DDP, 2 CPU ranks vs 1 rank, same global batch, useful tokens/s ({r['cpu_count']} cores: they compete)",
+            _f(runs["2 ranks"]["useful_tokens_per_s"], 0),
+            f"{_f(runs['1 rank, 1 thread']['useful_tokens_per_s'], 0)} (1 rank, 1 thread)",
+            f"{r['ratio_2ranks_vs_1rank_1thread']:.2f}x",
+            "",
+            None,
+        ),
+        Row(
+            18,
+            "same, largest relative loss difference, 2 ranks vs 1 rank",
+            f"{r['max_loss_rel_diff_2ranks_vs_1rank']:.1e}",
+            "0 (the same run)",
+            "",
+            "< 1e-5",
+            r["max_loss_rel_diff_2ranks_vs_1rank"] < 1e-5,
+        ),
+    ]

@@ -27,6 +27,7 @@ from figures import (
     anyres,
     balance,
     build_packed,
+    ddp,
     e2e,
     embed,
     ingest,
@@ -94,6 +95,7 @@ BENCHES = [
     ),
     Bench("learning", [], learning, ["--urls", "100", "--steps", "5"], script="learning.py"),
     Bench("anyres", ["--seeds", "0", "1"], anyres, ["--train", "24", "--held-out", "12", "--steps", "2"]),
+    Bench("ddp", [], ddp, ["--n", "32", "--steps", "3", "--warmup", "1", "--rounds", "1"]),
     Bench("concepts", ["--n", "6000", "--steps", "600"], concepts, ["--n", "60", "--steps", "2"]),
     Bench(
         "learning_balance",

@@ -47,7 +47,13 @@ FIGURES = {  # issue -> figures the issue asked for (a substring of each row's f
         "head-compound colour accuracy",
     ],
     17: ["URL list (streamed)", "driver peak RSS over its imports", "read_webdataset", "verify: header"],
-    18: ["AnyRes held-out colour accuracy", "image tokens per sample", "training ms per sample"],
+    18: [
+        "AnyRes held-out colour accuracy",
+        "image tokens per sample",
+        "training ms per sample",
+        "DDP, 2 CPU ranks",
+        "relative loss difference",
+    ],
 }
 
 
