@@ -348,3 +348,62 @@ def test_profiles_real_keeps_safe_defaults_demo_allows_loopback():
     )
     assert real.max_bytes > 0 and real.max_redirects >= 1 and real.max_pixels < 200_000_000
     assert real.disallowed_header_directives == ["noai", "noimageai", "noindex", "noimageindex"]  # opt-outs honoured
+
+
+@pytest.fixture(scope="module")
+def tls_sites(site, tmp_path_factory):
+    """HTTPS servers of the same files: one whose certificate (from a CA the test makes) names 127.0.0.1, one whose
+    certificate names another host; and the CA's PEM file."""
+    from curation.fixtures.tls import TestCA
+
+    server, _ = site
+    ca = TestCA(tmp_path_factory.mktemp("ca"))
+    good = WebServer(server.root, port=0, tls=ca.server_context(["127.0.0.1", "localhost"], "good"))
+    wrong = WebServer(server.root, port=0, tls=ca.server_context(["images.example.test"], "wrong"))
+    with good, wrong:
+        yield good, wrong, str(ca.pem)
+
+
+def test_https_is_verified_and_a_bad_certificate_is_tls_error(site, tls_sites, loopback_only):
+    server, _ = site
+    good, wrong, ca = tls_sites
+    data = (server.files / "a.jpg").read_bytes()
+    trusted = GuardPolicy(allow_loopback=True, ca_bundle=ca)
+    assert good.base_url.startswith("https://")
+    assert fetch(f"{good.base_url}/files/a.jpg", trusted, timeout=2)[0] == data
+    with pytest.raises(GuardError, match=r"^tls_error: 127.0.0.1: certificate not accepted: .*unable to get local"):
+        fetch(f"{good.base_url}/files/a.jpg", GuardPolicy(allow_loopback=True), timeout=2)  # our CA: not trusted
+    with pytest.raises(GuardError, match=r"^tls_error: .*(mismatch|doesn't match|not valid)"):
+        fetch(f"{wrong.base_url}/files/a.jpg", trusted, timeout=2)  # a trusted certificate for another host
+    plain = f"http://127.0.0.1:{server.port}"
+    with pytest.raises(GuardError, match=r"^tls_error: .*handshake"):  # https to a server speaking plain HTTP
+        fetch(f"https://127.0.0.1:{server.port}/files/a.jpg", trusted, timeout=2)
+    # redirects between the schemes are followed hop by hop, each hop checked: https -> http -> https
+    there_and_back = f"{good.base_url}/redirect?to={plain}/redirect?to={good.base_url}/files/b.jpg"
+    assert fetch(there_and_back, trusted, timeout=2)[0] == (server.files / "b.jpg").read_bytes()
+    with pytest.raises(GuardError, match="too_many_redirects"):
+        fetch(there_and_back, GuardPolicy(allow_loopback=True, ca_bundle=ca, max_redirects=1), timeout=2)
+    with pytest.raises(GuardError, match="tls_error"):  # the http hop leads to the wrong certificate
+        fetch(f"{plain}/redirect?to={wrong.base_url}/files/b.jpg", trusted, timeout=2)
+    with pytest.raises(GuardError, match="blocked_address"):  # an https page redirecting to a refused address
+        fetch(f"{good.base_url}/redirect?to=http://localhost:{server.port}/files/a.jpg", GuardPolicy(ca_bundle=ca), 2)
+
+
+def test_tls_errors_are_rejects_on_the_real_ingest_path(ray_session, site, tls_sites, tmp_path):
+    from curation.ops.ingest import IngestParams
+
+    server, _ = site
+    good, wrong, ca = tls_sites
+    urls = [
+        f"{good.base_url}/files/a.jpg",
+        f"{wrong.base_url}/files/b.jpg",
+        f"http://127.0.0.1:{server.port}/files/c.jpg",
+    ]
+    _m, out, rej = _ingest(tmp_path, urls, allow_loopback=True, ca_bundle=ca)
+    assert sorted(out["url"].to_list()) == sorted([urls[0], urls[2]])
+    assert rej[urls[1]][0] == "tls_error" and "certificate not accepted" in rej[urls[1]][1]
+    (tmp_path / "no-ca").mkdir()
+    _m, out, rej = _ingest(tmp_path / "no-ca", urls, allow_loopback=True)  # the system's CAs only
+    assert out["url"].to_list() == [urls[2]] and {rej[u][0] for u in urls[:2]} == {"tls_error"}
+    with pytest.raises(ValueError, match="ca_bundle"):
+        IngestParams(urls="x.parquet", ca_bundle=str(tmp_path / "missing.pem"))

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import time
 import urllib.request
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from http.client import HTTPConnection, HTTPSConnection
 from urllib.parse import urljoin, urlsplit
 
 SCHEMES = ("http", "https")
-REASONS = ("unsupported_scheme", "blocked_address", "too_many_redirects", "too_large", "timeout")
+REASONS = ("unsupported_scheme", "blocked_address", "too_many_redirects", "too_large", "timeout", "tls_error")
 METADATA = {
     ipaddress.ip_address("169.254.169.254"): "cloud metadata service",
     ipaddress.ip_address("fd00:ec2::254"): "cloud metadata service",
@@ -46,6 +47,7 @@ class GuardPolicy:
     max_bytes: int = 20 * 1024 * 1024
     max_redirects: int = 5
     max_seconds: float = 30.0  # per image, all hops and the body included
+    ca_bundle: str | None = None  # a PEM file of CAs trusted besides the system's (verification is never off)
 
     def allows(self, kind: str) -> bool:
         return (
@@ -199,7 +201,12 @@ class _Guarded:
         self._create_connection = fetch.connect
 
     def connect(self) -> None:
-        super().connect()  # for HTTPS: TLS with SNI and certificate checks for the URL's host name
+        try:
+            super().connect()  # for HTTPS: TLS with SNI and certificate checks for the URL's host name
+        except ssl.SSLCertVerificationError as e:
+            raise GuardError("tls_error", f"{self.host}: certificate not accepted: {e.verify_message}") from None
+        except ssl.SSLError as e:
+            raise GuardError("tls_error", f"{self.host}: TLS handshake failed: {e.reason or e}") from None
         self._fetch.sock = self.sock
 
 
@@ -222,7 +229,7 @@ class _HTTP(urllib.request.HTTPHandler):
 
 class _HTTPS(urllib.request.HTTPSHandler):
     def __init__(self, fetch: _Fetch) -> None:
-        super().__init__()
+        super().__init__(context=tls_context(fetch.policy.ca_bundle))
         self.fetch = fetch
 
     def https_open(self, req):
@@ -245,6 +252,15 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         return super().http_error_302(req, fp, code, msg, headers)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+@cache
+def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """The client context: the system's CAs (plus `ca_bundle`'s), certificate and host name always checked."""
+    ctx = ssl.create_default_context()
+    if ca_bundle:
+        ctx.load_verify_locations(cafile=ca_bundle)
+    return ctx
 
 
 def fetch(url: str, policy: GuardPolicy, timeout: float, headers: dict | None = None):

@@ -145,6 +145,7 @@ def download_shard(rows: pa.Table, out_dir: Path, params) -> pa.Table:
         max_bytes=p.max_bytes,
         max_redirects=p.max_redirects,
         max_seconds=p.max_seconds,
+        ca_bundle=p.ca_bundle,
     )
     downloader = GuardedDownloader(
         policy,

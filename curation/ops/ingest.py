@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ssl
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
+from curation.download.guard import tls_context
 from curation.download.reasons import TRANSIENT, download_failure, split_reason
 from curation.engine.store import atomic_write_json, make_rejects, read_json
 from curation.ops.base import Op, Params, Placement
@@ -63,6 +65,11 @@ class IngestParams(Params):
     max_bytes: int = Field(20 * 1024 * 1024, ge=1, description="stop reading an image's body past this many bytes")
     max_redirects: int = Field(5, ge=0, description="redirect hops followed per image")
     max_seconds: float = Field(30, gt=0, description="total time per image, all hops and the body included")
+    ca_bundle: str | None = Field(
+        None,
+        description="a PEM file of CAs trusted for HTTPS besides the system's (an internal CA); certificates and "
+        "host names are always checked: a failure is the reject tls_error",
+    )
     # opt-outs: img2dataset's own X-Robots-Tag check, with its CLI's default directives
     disallowed_header_directives: list[str] = Field(
         ["noai", "noimageai", "noindex", "noimageindex"],
@@ -82,9 +89,21 @@ class IngestParams(Params):
         "user_agent_token": None,
         "column_names": None,
         "metadata": {},
+        "ca_bundle": None,
     }
 
     _metadata = field_validator("metadata")(meta.check)
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                tls_context(str(Path(v).resolve()))
+            except (OSError, ssl.SSLError) as e:
+                raise ValueError(f"ca_bundle {v}: not a readable PEM file of certificates ({e})") from None
+            return str(Path(v).resolve())
+        return v
 
 
 class Ingest(Op):
