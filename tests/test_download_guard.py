@@ -11,6 +11,7 @@ import io
 import ipaddress
 import socket
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -407,3 +408,31 @@ def test_tls_errors_are_rejects_on_the_real_ingest_path(ray_session, site, tls_s
     assert out["url"].to_list() == [urls[2]] and {rej[u][0] for u in urls[:2]} == {"tls_error"}
     with pytest.raises(ValueError, match="ca_bundle"):
         IngestParams(urls="x.parquet", ca_bundle=str(tmp_path / "missing.pem"))
+
+
+@pytest.mark.parametrize("route", ["drip", "stall", "slow"])
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_slow_server_gets_max_seconds_in_all(site, tls_sites, loopback_only, route, scheme):
+    """Headers a byte every 0.25 s (each read well within the 2 s timeout), headers then silence, or a body in
+    64-byte pieces every 0.25 s: each stops at max_seconds with the reason timeout, over TLS too (a fast endless
+    body stops at max_bytes: too_large, above)."""
+    server, _ = site
+    good, _, ca = tls_sites
+    base = good.base_url if scheme == "https" else f"http://127.0.0.1:{server.port}"
+    policy = GuardPolicy(allow_loopback=True, ca_bundle=ca, max_seconds=1.5, max_bytes=1 << 40)
+    start = time.monotonic()
+    with pytest.raises(GuardError, match=r"^timeout: over 1.5 s in total"):
+        fetch(f"{base}/{route}/big.png", policy, timeout=2)
+    assert time.monotonic() - start < 1.5 + 2.5  # bounded by max_seconds, not by the drip (~17 min) or the stall
+
+
+def test_slow_servers_do_not_hold_up_the_shard(ray_session, site, tmp_path):
+    server, _ = site
+    base = f"http://127.0.0.1:{server.port}"
+    slow = [f"{base}/drip/a.jpg", f"{base}/stall/b.jpg", f"{base}/slow/big.png"]
+    good = [f"{base}/files/{n}?k={k}" for k in range(4) for n in ("a.jpg", "b.jpg", "c.jpg")]
+    start = time.monotonic()
+    _m, out, rej = _ingest(tmp_path, [*slow, f"{base}/endless", *good], allow_loopback=True, max_seconds=3)
+    assert sorted(out["url"].to_list()) == sorted(good)  # the shard's other downloads are unaffected
+    assert {rej[u][0] for u in slow} == {"timeout"} and rej[f"{base}/endless"][0] == "too_large"
+    assert time.monotonic() - start < 120  # not the 17 min the drip would take

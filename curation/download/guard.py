@@ -7,9 +7,11 @@ Redirect targets go through the same check at their own connect, after a scheme 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -140,7 +142,32 @@ class _Fetch:
         self.policy, self.timeout = policy, timeout
         self.deadline = time.monotonic() + policy.max_seconds
         self.hops = 0
-        self.sock: socket.socket | None = None
+        self.sock: socket.socket | None = None  # the connection being read (TLS-wrapped for https)
+        self.raw: socket.socket | None = None  # the TCP socket just connected (before a TLS handshake wraps it)
+        self._lock, self._done = threading.Lock(), False
+        # a server that drips its headers a byte at a time passes every per-read timeout: at the deadline the
+        # connection is shut down under the reader, so that max_seconds bounds the whole image
+        self._watchdog = threading.Timer(policy.max_seconds, self._cut)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _cut(self) -> None:
+        """At the deadline: shut the open connection down (its blocked read returns); never a closed one."""
+        with self._lock:
+            if self._done:
+                return
+            for sock in (self.sock, self.raw):
+                if sock is not None and sock.fileno() != -1:  # -1: closed or handed to TLS
+                    with contextlib.suppress(OSError):
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the fd only, never the TLS state
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    def finish(self) -> None:
+        with self._lock:
+            self._done = True
+        self._watchdog.cancel()
 
     def budget(self, slack: float = 0.0) -> float:
         """Seconds the next blocking step may take: the per-request timeout, cut to what is left of max_seconds."""
@@ -155,7 +182,8 @@ class _Fetch:
         error: OSError | None = None
         for info in vet(host, port, self.policy):
             try:
-                return connect_socket(info, self.budget())
+                self.raw = connect_socket(info, self.budget())
+                return self.raw
             except OSError as e:
                 error = e
         raise error or OSError(f"no address for {host}")
@@ -186,6 +214,8 @@ class _Fetch:
                 self.budget(slack=0.05)  # the total time ran out (GuardError), else the per-request timeout did
                 raise
             if not piece:
+                if self.expired():  # the watchdog's shutdown ends the body like an EOF
+                    raise GuardError("timeout", f"over {self.policy.max_seconds:g} s in total for this image")
                 return bytes(body)
             body += piece
             if len(body) > cap:
@@ -278,8 +308,17 @@ def fetch(url: str, policy: GuardPolicy, timeout: float, headers: dict | None = 
     ):
         opener.add_handler(handler)
     request = urllib.request.Request(url, headers=headers or {})
-    with opener.open(request, timeout=state.budget()) as response:
-        return state.read(response), response.headers
+    try:
+        with opener.open(request, timeout=state.budget()) as response:
+            return state.read(response), response.headers
+    except GuardError:
+        raise
+    except Exception:
+        if state.expired():  # whatever the cut connection raised: the total time ran out
+            raise GuardError("timeout", f"over {policy.max_seconds:g} s in total for this image") from None
+        raise
+    finally:
+        state.finish()
 
 
 __all__ = ["REASONS", "GuardError", "GuardPolicy", "address_class", "check_url", "fetch"]
