@@ -184,3 +184,53 @@ def test_a_write_that_fills_the_disk_leaves_no_temp_file_and_says_so(disk):
     )
     assert sorted(p.name for p in disk.rglob("*") if p.is_file()) == ["small.bin"]
     assert storage_error(ValueError("bad row")) is None and storage_error(FileNotFoundError(2, "gone", "x")) is None
+
+
+def _ingest_pipeline(tmp_path: Path, web_dir: Path) -> Path:
+    """An ingest-only DAG over the session's fixture web, one part (img2dataset flushes every 100 rows)."""
+    path = tmp_path / "ingest.yaml"
+    params = {"urls": str(web_dir / "urls.parquet"), "allow_loopback": True, "shard_size": 120, "timeout": 5}
+    path.write_text(json.dumps({"name": "ingest-only", "stages": {"ingest": {"op": "ingest", "params": params}}}))
+    return path
+
+
+def _curate_run(pipeline: Path, run: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "1000", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-f-")}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "curation.cli", "run", str(pipeline), "--run-dir", str(run)]
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        kill_ray_started_with(env["RAY_TMPDIR"])
+
+
+@pytest.mark.slow
+def test_disk_that_fills_during_ingest_stops_clearly_and_the_rerun_resumes(web, disk, tmp_path):
+    """img2dataset catches a sample's write error and goes on: the shard's writer notes it and the part fails with
+    it, so a full disk is exit 2 and one line naming the path, never rows quietly missing."""
+    web_dir, _server = web
+    pipeline = _ingest_pipeline(tmp_path, web_dir)
+    ref = _curate_run(pipeline, tmp_path / "ref")
+    assert ref.returncode == 0, (ref.stdout + ref.stderr)[-3000:]
+    run = disk / "run"
+    st = os.statvfs(disk)
+    ballast = disk / "ballast"
+    part = sum(f.stat().st_size for f in (tmp_path / "ref" / "ingest").glob("part-*.parquet"))
+    ballast.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - part // 2))  # room for half of img2dataset's shard
+    res = _curate_run(pipeline, run)
+    err = res.stdout + res.stderr
+    assert res.returncode == 2, err[-3000:]
+    assert "No space left on device" in err and "the disk is full" in err, err[-3000:]
+    assert str(run / "ingest" / "_work" / "dl-part-00000") in err, err[-3000:]  # where it filled: the download
+    assert "Traceback" not in err, err[-3000:]
+    _parts_are_sound(run)
+    assert not list(run.rglob("dl-part-*")), "img2dataset's partial shard was left on the full disk"
+    assert (StageDir(run, "ingest").manifest() or {}).get("status") != "complete"
+    ballast.unlink()  # space freed: the rerun resumes and gets the rows of the run on a roomy disk
+    res = _curate_run(pipeline, run)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    got, want = snapshot(run, ["ingest"])["ingest"], snapshot(tmp_path / "ref", ["ingest"])["ingest"]
+    flaky = {r["uid"] for r in got[0] if "/flaky/" in r["url"]}  # 503 to the first request (the reference's) only
+    assert [r for r in got[0] if r["uid"] not in flaky] == want[0]
+    assert [r for r in got[1] if r["uid"] not in flaky] == [r for r in want[1] if r["uid"] not in flaky]
+    assert {r["reason"] for r in want[1] if r["uid"] in flaky} == {"http_503"}

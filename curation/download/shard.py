@@ -130,6 +130,28 @@ def make_resizer(p) -> CheckedResizer:
     )
 
 
+def _recording(errors: list[OSError]) -> type[ParquetSampleWriter]:
+    """img2dataset's Parquet writer that notes its write errors: img2dataset catches them per sample and goes on,
+    so a full disk would show as rows missing from the shard instead of a failure."""
+
+    class Recording(ParquetSampleWriter):
+        def write(self, *args, **kwargs):
+            try:
+                return super().write(*args, **kwargs)
+            except OSError as e:
+                errors.append(e)
+                raise
+
+        def close(self):
+            try:
+                return super().close()
+            except OSError as e:
+                errors.append(e)
+                raise
+
+    return Recording
+
+
 def download_shard(rows: pa.Table, out_dir: Path, params) -> pa.Table:
     """Run img2dataset's Downloader over `rows` (url, caption, ...); return its output table (status per row)."""
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -149,7 +171,7 @@ def download_shard(rows: pa.Table, out_dir: Path, params) -> pa.Table:
     )
     downloader = GuardedDownloader(
         policy,
-        sample_writer_class=ParquetSampleWriter,
+        sample_writer_class=_recording(write_errors := []),
         resizer=resizer,
         thread_count=p.thread_count,
         save_caption=True,
@@ -166,7 +188,18 @@ def download_shard(rows: pa.Table, out_dir: Path, params) -> pa.Table:
         user_agent_token=p.user_agent_token,
         disallowed_header_directives=p.disallowed_header_directives,  # [] (or None): no X-Robots-Tag check
     )
-    downloader((0, str(shard)))
+    try:
+        downloader.download_shard((0, str(shard)))  # not downloader(...): that prints a failure and goes on
+    except Exception:
+        if not write_errors:
+            raise
+    if write_errors:  # a full disk, an unwritable dir: the first error (later writes fail on the closed file) stops
+        # the run as a storage error (exit 2, the path named)
+        err = write_errors[0]
+        if err.filename is None:
+            err.filename = str(out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)  # what it wrote would keep a full disk full
+        raise err
     got = pq.read_table(out_dir / "00000.parquet")
     shutil.rmtree(out_dir, ignore_errors=True)
     return got
