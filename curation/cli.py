@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -53,6 +55,17 @@ def execute(
             run_pipeline(pipeline, run_dir, address=address, retry_failed=retry_failed, progress=update)
     except StageFailed as e:
         fail(str(e))
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C; SIGTERM (`ray job stop`): ray.init's handler exits 15
+        if isinstance(e, SystemExit) and e.code != signal.SIGTERM:
+            raise
+        resume = ["curate", "run", str(pipeline_path), "--run-dir", str(run_dir)]
+        resume += [a for o in overrides for a in ("--set", o)] + (["--retry-failed"] if retry_failed else [])
+        print(
+            f"interrupted: the parts finished so far are kept in {run_dir}; resume with: {shlex.join(resume)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise typer.Exit(130) from None
     return run_dir
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -194,6 +196,17 @@ def _ingest_pipeline(tmp_path: Path, web_dir: Path) -> Path:
     return path
 
 
+def _same_ingest(run: Path, ref: Path) -> None:
+    """The ingest rows and rejects of `run` are the reference's, but for the web's /flaky/ URLs (503 to their first
+    request, which the reference made)."""
+    got, want = snapshot(run, ["ingest"])["ingest"], snapshot(ref, ["ingest"])["ingest"]
+    flaky = {r["uid"] for r in got[0] + want[0] if "/flaky/" in r["url"]}
+    flaky |= {r["uid"] for r in got[1] + want[1] if r["reason"] == "http_503"}
+    assert [r for r in got[0] if r["uid"] not in flaky] == [r for r in want[0] if r["uid"] not in flaky]
+    assert [r for r in got[1] if r["uid"] not in flaky] == [r for r in want[1] if r["uid"] not in flaky]
+    assert len(got[0]) + len(got[1]) == len(want[0]) + len(want[1])
+
+
 def _curate_run(pipeline: Path, run: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "1000", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-f-")}
     env.pop("RAY_ADDRESS", None)
@@ -229,8 +242,50 @@ def test_disk_that_fills_during_ingest_stops_clearly_and_the_rerun_resumes(web, 
     ballast.unlink()  # space freed: the rerun resumes and gets the rows of the run on a roomy disk
     res = _curate_run(pipeline, run)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    got, want = snapshot(run, ["ingest"])["ingest"], snapshot(tmp_path / "ref", ["ingest"])["ingest"]
-    flaky = {r["uid"] for r in got[0] if "/flaky/" in r["url"]}  # 503 to the first request (the reference's) only
-    assert [r for r in got[0] if r["uid"] not in flaky] == want[0]
-    assert [r for r in got[1] if r["uid"] not in flaky] == [r for r in want[1] if r["uid"] not in flaky]
-    assert {r["reason"] for r in want[1] if r["uid"] in flaky} == {"http_503"}
+    _same_ingest(run, tmp_path / "ref")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_stop_soon_keep_finished_parts_and_say_how_to_resume(sig, tmp_path):
+    """SIGINT (Ctrl-C) or SIGTERM (`ray job stop`) to `curate run` mid-ingest: it stops within seconds with exit 130
+    and the command that resumes; the parts finished before are kept as they were, and the rerun completes."""
+    from curation.fixtures.serve import WebServer, free_port
+    from curation.fixtures.web import make_web
+
+    make_web(tmp_path / "web", n=120, port=free_port(), seed=1)
+    pipeline = _ingest_pipeline(tmp_path, tmp_path / "web")
+    params = json.loads(pipeline.read_text())
+    params["stages"]["ingest"]["params"].update(shard_size=15, thread_count=2)  # 8 parts of ~3 s each
+    pipeline.write_text(json.dumps(params))
+    with WebServer(tmp_path / "web", delay=0.3):
+        ref = _curate_run(pipeline, tmp_path / "ref")
+        assert ref.returncode == 0, (ref.stdout + ref.stderr)[-3000:]
+        run = tmp_path / "run"
+        env = {**os.environ, "COLUMNS": "1000", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-f-")}
+        env.pop("RAY_ADDRESS", None)
+        cmd = [sys.executable, "-m", "curation.cli", "run", str(pipeline), "--run-dir", str(run)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not list(run.glob("ingest/_parts/process/*.json")) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert proc.poll() is None, "the run ended before the signal"
+            sent = time.monotonic()
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=120)
+            stopped = time.monotonic() - sent
+        finally:
+            proc.kill()
+            kill_ray_started_with(env["RAY_TMPDIR"])
+        assert proc.returncode == 130, (out + err)[-3000:]
+        assert f"resume with: curate run {pipeline} --run-dir {run}" in err, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        assert stopped < 30, stopped  # seconds, not the rest of the run
+        kept = {m.name: m.read_bytes() for m in run.glob("ingest/_parts/process/*.json")}
+        assert 0 < len(kept) < 8
+        _parts_are_sound(run)
+        res = _curate_run(pipeline, run)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert all((run / "ingest/_parts/process" / name).read_bytes() == data for name, data in kept.items())
+    _same_ingest(run, tmp_path / "ref")
