@@ -19,7 +19,7 @@ from curation.engine.config import load_pipeline
 from curation.engine.driver import run_pipeline
 from curation.engine.store import StageDir
 from tests.conftest import ROOT, kill_ray_started_with
-from tests.faults_util import DEMO, kill_when, markers, snapshot
+from tests.faults_util import DEMO, curate_run, kill_when, markers, snapshot
 
 UPSTREAM = ["ingest", "dedup", "filter", "embed", "match_concepts", "balance"]
 SYNTH = ["recaption", "conversation", "detail", "reasoning", "short_answer"]
@@ -289,3 +289,54 @@ def test_ctrl_c_and_sigterm_stop_soon_keep_finished_parts_and_say_how_to_resume(
         assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert all((run / "ingest/_parts/process" / name).read_bytes() == data for name, data in kept.items())
     _same_ingest(run, tmp_path / "ref")
+
+
+def _ray_workers(tmp: str) -> list[int]:
+    """PIDs of the worker processes (ray::...) of the Ray instance started with RAY_TMPDIR=tmp."""
+    needle, pids = f"RAY_TMPDIR={tmp}".encode(), []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in env.read_bytes().split(b"\0"):
+                title = (env.parent / "cmdline").read_bytes()
+                if title.startswith(b"ray::") and (b"MapWorker" in title or b"MapBatches" in title):
+                    pids.append(int(env.parent.name))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+@pytest.mark.slow
+def test_workers_killed_mid_stage_are_retried_with_nothing_lost_or_counted_twice(reference, tmp_path):
+    """One run; in ingest, embed and the (openai-backed) conversation stage, SIGKILL of one Ray worker (not the
+    driver) once the stage has committed a part and has more to do: Ray runs the lost part again, and the run
+    completes with the uninterrupted run's rows and counts, no partial part, nothing twice."""
+    from curation.fixtures.llm_server import LLMServer
+
+    order = UPSTREAM + SYNTH
+    with LLMServer(latency=0.2) as server:
+        ref = reference.copy(tmp_path / "ref", order)  # the reference, its conversation stage on the openai backend
+        run_pipeline(load_pipeline(DEMO, [*reference.overrides, *_llm(server.url, tmp_path / "r.sqlite")]), ref)
+        run = tmp_path / "run"
+        proc, env = curate_run(run, [*reference.overrides, *_llm(server.url, tmp_path / "c.sqlite")])
+        killed: dict[str, int] = {}
+        try:
+            deadline = time.monotonic() + 600
+            for stage in ("ingest", "embed", "conversation"):
+                while time.monotonic() < deadline and proc.poll() is None and stage not in killed:
+                    if markers(run, stage) and not (run / stage / "_manifest.json").exists():
+                        workers = _ray_workers(env["RAY_TMPDIR"])
+                        if workers:
+                            os.kill(workers[0], signal.SIGKILL)
+                            killed[stage] = workers[0]
+                    time.sleep(0.02)
+            rc = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            kill_ray_started_with(env["RAY_TMPDIR"])
+    assert set(killed) == {"ingest", "embed", "conversation"}, killed
+    assert rc == 0, f"the run did not complete after its workers were killed (exit {rc})"
+    _parts_are_sound(run)
+    assert snapshot(run) == snapshot(ref)  # the same rows and rejects, each once (snapshot checks unique uids)
+    counts = {s: json.loads((run / s / "_manifest.json").read_text())["counts"] for s in order}
+    assert counts == {s: json.loads((ref / s / "_manifest.json").read_text())["counts"] for s in order}
