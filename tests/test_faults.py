@@ -245,46 +245,56 @@ def test_disk_that_fills_during_ingest_stops_clearly_and_the_rerun_resumes(web, 
     _same_ingest(run, tmp_path / "ref")
 
 
+def _interrupt(pipeline: Path, run: Path, sig: int, after_parts: int) -> tuple[int, str, float]:
+    """`curate run` sent `sig` once `after_parts` parts of ingest are committed: (exit code, stderr, seconds it took
+    to stop)."""
+    env = {**os.environ, "COLUMNS": "1000", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-f-")}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "curation.cli", "run", str(pipeline), "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(run.glob("ingest/_parts/process/*.json"))) < after_parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before the signal"
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=120)
+        return proc.returncode, err, time.monotonic() - sent
+    finally:
+        proc.kill()
+        kill_ray_started_with(env["RAY_TMPDIR"])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_and_sigterm_stop_soon_keep_finished_parts_and_say_how_to_resume(sig, tmp_path):
-    """SIGINT (Ctrl-C) or SIGTERM (`ray job stop`) to `curate run` mid-ingest: it stops within seconds with exit 130
-    and the command that resumes; the parts finished before are kept as they were, and the rerun completes."""
+def test_ctrl_c_and_sigterm_stop_soon_keep_finished_parts_and_say_how_to_resume(tmp_path):
+    """SIGINT (Ctrl-C), then on the rerun SIGTERM (`ray job stop`), to `curate run` mid-ingest: each stops within
+    seconds with exit 130 and the command that resumes; parts finished before are kept as they were, and the last
+    rerun completes with an uninterrupted run's rows."""
     from curation.fixtures.serve import WebServer, free_port
     from curation.fixtures.web import make_web
 
     make_web(tmp_path / "web", n=120, port=free_port(), seed=1)
     pipeline = _ingest_pipeline(tmp_path, tmp_path / "web")
     params = json.loads(pipeline.read_text())
-    params["stages"]["ingest"]["params"].update(shard_size=15, thread_count=2)  # 8 parts of ~3 s each
+    params["stages"]["ingest"]["params"].update(shard_size=12, thread_count=2)  # 10 parts of ~2 s each
     pipeline.write_text(json.dumps(params))
+    run = tmp_path / "run"
     with WebServer(tmp_path / "web", delay=0.3):
         ref = _curate_run(pipeline, tmp_path / "ref")
         assert ref.returncode == 0, (ref.stdout + ref.stderr)[-3000:]
-        run = tmp_path / "run"
-        env = {**os.environ, "COLUMNS": "1000", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray-f-")}
-        env.pop("RAY_ADDRESS", None)
-        cmd = [sys.executable, "-m", "curation.cli", "run", str(pipeline), "--run-dir", str(run)]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 300
-            while not list(run.glob("ingest/_parts/process/*.json")) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert proc.poll() is None, "the run ended before the signal"
-            sent = time.monotonic()
-            proc.send_signal(sig)
-            out, err = proc.communicate(timeout=120)
-            stopped = time.monotonic() - sent
-        finally:
-            proc.kill()
-            kill_ray_started_with(env["RAY_TMPDIR"])
-        assert proc.returncode == 130, (out + err)[-3000:]
-        assert f"resume with: curate run {pipeline} --run-dir {run}" in err, err[-3000:]
-        assert "Traceback" not in err, err[-3000:]
-        assert stopped < 30, stopped  # seconds, not the rest of the run
-        kept = {m.name: m.read_bytes() for m in run.glob("ingest/_parts/process/*.json")}
-        assert 0 < len(kept) < 8
-        _parts_are_sound(run)
+        kept: dict[str, bytes] = {}
+        for sig, after in ((signal.SIGINT, 1), (signal.SIGTERM, 3)):
+            code, err, stopped = _interrupt(pipeline, run, sig, after)
+            assert code == 130, err[-3000:]
+            assert f"resume with: curate run {pipeline} --run-dir {run}" in err, err[-3000:]
+            assert "Traceback" not in err, err[-3000:]
+            assert stopped < 30, stopped  # seconds, not the rest of the run
+            _parts_are_sound(run)
+            now = {m.name: m.read_bytes() for m in run.glob("ingest/_parts/process/*.json")}
+            assert all(now[name] == data for name, data in kept.items())  # the parts before: kept as they were
+            kept = now
+        assert 0 < len(kept) < 10
         res = _curate_run(pipeline, run)
         assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert all((run / "ingest/_parts/process" / name).read_bytes() == data for name, data in kept.items())
