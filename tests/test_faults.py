@@ -218,31 +218,36 @@ def _curate_run(pipeline: Path, run: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_disk_that_fills_during_ingest_stops_clearly_and_the_rerun_resumes(web, disk, tmp_path):
+def test_disk_that_fills_during_ingest_stops_clearly_and_the_rerun_resumes(disk, tmp_path):
     """img2dataset catches a sample's write error and goes on: the shard's writer notes it and the part fails with
-    it, so a full disk is exit 2 and one line naming the path, never rows quietly missing."""
-    web_dir, _server = web
-    pipeline = _ingest_pipeline(tmp_path, web_dir)
-    ref = _curate_run(pipeline, tmp_path / "ref")
-    assert ref.returncode == 0, (ref.stdout + ref.stderr)[-3000:]
-    run = disk / "run"
-    st = os.statvfs(disk)
-    ballast = disk / "ballast"
-    part = sum(f.stat().st_size for f in (tmp_path / "ref" / "ingest").glob("part-*.parquet"))
-    ballast.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - part // 2))  # room for half of img2dataset's shard
-    res = _curate_run(pipeline, run)
-    err = res.stdout + res.stderr
-    assert res.returncode == 2, err[-3000:]
-    assert "No space left on device" in err and "the disk is full" in err, err[-3000:]
-    assert str(run / "ingest" / "_work" / "dl-part-00000") in err, err[-3000:]  # where it filled: the download
-    assert "Traceback" not in err, err[-3000:]
-    _parts_are_sound(run)
-    assert not list(run.rglob("dl-part-*")), "img2dataset's partial shard was left on the full disk"
-    assert (StageDir(run, "ingest").manifest() or {}).get("status") != "complete"
-    ballast.unlink()  # space freed: the rerun resumes and gets the rows of the run on a roomy disk
-    res = _curate_run(pipeline, run)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
-    _same_ingest(run, tmp_path / "ref")
+    it, so a full disk is exit 2 and one line naming the path, never rows quietly missing. Its own web: the
+    session's flaky URL must keep its first 503 for tests/test_pipeline.py."""
+    from curation.fixtures.serve import WebServer, free_port
+    from curation.fixtures.web import make_web
+
+    make_web(tmp_path / "web", n=120, port=free_port(), seed=2)
+    pipeline = _ingest_pipeline(tmp_path, tmp_path / "web")
+    with WebServer(tmp_path / "web"):
+        ref = _curate_run(pipeline, tmp_path / "ref")
+        assert ref.returncode == 0, (ref.stdout + ref.stderr)[-3000:]
+        run = disk / "run"
+        st = os.statvfs(disk)
+        ballast = disk / "ballast"
+        part = sum(f.stat().st_size for f in (tmp_path / "ref" / "ingest").glob("part-*.parquet"))
+        ballast.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - part // 2))  # room for half of img2dataset's shard
+        res = _curate_run(pipeline, run)
+        err = res.stdout + res.stderr
+        assert res.returncode == 2, err[-3000:]
+        assert "No space left on device" in err and "the disk is full" in err, err[-3000:]
+        assert str(run / "ingest" / "_work" / "dl-part-00000") in err, err[-3000:]  # where it filled: the download
+        assert "Traceback" not in err, err[-3000:]
+        _parts_are_sound(run)
+        assert not list(run.rglob("dl-part-*")), "img2dataset's partial shard was left on the full disk"
+        assert (StageDir(run, "ingest").manifest() or {}).get("status") != "complete"
+        ballast.unlink()  # space freed: the rerun resumes and gets the rows of the run on a roomy disk
+        res = _curate_run(pipeline, run)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        _same_ingest(run, tmp_path / "ref")
 
 
 def _interrupt(pipeline: Path, run: Path, sig: int, after_parts: int) -> tuple[int, str, float]:

@@ -44,7 +44,13 @@ CASES = {
     "/two-headers.jpg": (["otherbot: noai", "noimageai"], True),
     "/two-headers-ok.jpg": (["otherbot: noai", "nofollow"], False),
 }
-ADDED = ("disallowed_header_directives", "user_agent_token", "column_names", "metadata")  # fields after release 1
+ADDED = (
+    "disallowed_header_directives",
+    "user_agent_token",
+    "column_names",
+    "metadata",
+    "ca_bundle",
+)  # fields after release 1
 
 
 def _jpeg() -> bytes:
