@@ -160,11 +160,11 @@ def questions(
                 continue
             n_tokens = image_tokens
             if not isinstance(image_tokens, int):
-                im = _image(row["image"])
-                if im is None:
+                try:  # the header's size only: the image is decoded when it is answered
+                    n_tokens = image_tokens(Image.open(io.BytesIO(row["image"])).size[::-1])
+                except Exception:
                     skipped["bad_image"] += 1
                     continue
-                n_tokens = image_tokens(im.size[::-1])
             try:
                 enc = encode(conv[: t + 1], tokenizer, template, n_tokens, system)
             except EncodeError as e:

@@ -51,6 +51,18 @@ def _key_hash(key: dict, files: list[Path]) -> str:
     return hashlib.sha256(json.dumps([key, stats], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _image_size(image: pa.Scalar) -> tuple[int, int] | None:
+    """(H, W) from the header, without copying the bytes (decoded at collate time); None for a null or unreadable
+    image."""
+    if not image.is_valid:
+        return None
+    try:
+        w, h = Image.open(pa.BufferReader(image.as_buffer())).size
+    except Exception:
+        return None
+    return h, w
+
+
 def encoded_batches(
     files: list[Path],
     tokenizer,
@@ -73,14 +85,9 @@ def encoded_batches(
             for row, (sid, conv) in enumerate(
                 zip(batch.column("id").to_pylist(), batch.column("conversations").to_pylist())
             ):
-                size = None
-                if images[row].is_valid:
-                    try:  # header check without copying the bytes; decoded at collate time
-                        w, h = Image.open(pa.BufferReader(images[row].as_buffer())).size
-                        size = (h, w)
-                    except Exception:
-                        pass
-                n_tokens = image_tokens if isinstance(image_tokens, int) else image_tokens(size) if size else 1
+                fixed = isinstance(image_tokens, int)  # else the count needs the image's size first (AnyRes)
+                size = None if fixed else _image_size(images[row])
+                n_tokens = image_tokens if fixed else image_tokens(size) if size else 1
                 try:
                     enc = encode(conv, tokenizer, template, n_tokens, system, max_len)
                 except EncodeError as e:  # no_labels, too_long, template_mismatch, bad_turns
@@ -89,7 +96,7 @@ def encoded_batches(
                 if enc.n_images > 1:  # an Instruction row carries one image
                     rejects["image_count"] += 1
                     continue
-                if enc.n_images and size is None:
+                if enc.n_images and (size or _image_size(images[row])) is None:
                     rejects["bad_image"] += 1
                     continue
                 out.append(
