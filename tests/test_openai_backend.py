@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from curation.fixtures.llm_server import LLMServer, body_hash
-from curation.synth.cache import RequestCache, key_for, run_cached
+from curation.synth.cache import HOST, RequestCache, key_for, run_cached
 from curation.synth.openai_backend import ERROR_REASONS, OpenAIBackend
-from curation.synth.types import Request, run_sync
+from curation.synth.types import Request, Result, run_sync
 
 SECRET = "sk-test-SECRET-7f3a9c"
 FAULTS = {
@@ -209,3 +211,65 @@ def test_run_works_inside_a_running_loop():
             return backend.run(make_requests(3))
 
         assert all(r.ok for r in run_sync(inner()))
+
+
+TWIN = textwrap.dedent("""
+    import json, sys
+    from curation.synth.cache import RequestCache, run_cached
+    from curation.synth.openai_backend import OpenAIBackend
+    from tests.test_openai_backend import MODEL, make_requests
+    reqs = make_requests(int(sys.argv[3]))
+    reqs = reqs[::-1] if sys.argv[4] == "reversed" else reqs  # the two workers meet from both ends
+    results = run_cached(OpenAIBackend(sys.argv[1], MODEL, concurrency=4), RequestCache(sys.argv[2]), reqs)
+    print(json.dumps(sorted((r.key, r.text) for r in results)))
+""")
+
+
+def test_two_workers_with_the_same_requests_ask_each_once(tmp_path):
+    """Two processes sharing a cache, the same 40 requests in opposite orders: every body answered exactly once (the
+    claims make the second worker wait for the first's answer), both get every result, the same texts."""
+    n = 40
+    with LLMServer(latency=0.05) as server:
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        args = [sys.executable, "-c", TWIN, server.url, str(tmp_path / "c.sqlite"), str(n)]
+        procs = [
+            subprocess.Popen([*args, order], cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+            for order in ("forward", "reversed")
+        ]
+        outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0]
+        assert sent_counts(server, make_requests(n)) == [1] * n
+        assert outs[0] == outs[1] and len(outs[0]) == n and all(text for _, text in outs[0])
+    assert RequestCache(tmp_path / "c.sqlite").claimed_by_others(list(range(n)), "nobody") == set()
+
+
+def test_claims_of_others_are_waited_for_and_lapse(tmp_path):
+    """A key another live worker claimed is not sent: its answer is taken from the cache when it lands, and a key whose
+    claim is released unanswered (the other's request failed) is sent; claims of a dead process or with an expired
+    lease are taken over at once."""
+    reqs = make_requests(8)
+    keys = [key_for(r.prompt_version, MODEL, r.sampling, r.messages) for r in reqs]
+    cache = RequestCache(tmp_path / "c.sqlite")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cache.claim(keys[:2], f"{HOST}:{int(dead.stdout)}:x", lease=300)  # its process is gone
+    cache.claim(keys[2:4], "elsewhere:1:x", lease=-1)  # another host's lease ran out
+    cache.claim(keys[4:], "elsewhere:2:y", lease=300)  # another host, working on it
+    with LLMServer(latency=0.02) as server:
+        box: dict = {}
+        worker = threading.Thread(
+            target=lambda: box.update(out=run_cached(OpenAIBackend(server.url, MODEL), cache, reqs))
+        )
+        worker.start()
+        time.sleep(1.5)
+        assert worker.is_alive() and sent_counts(server, reqs) == [1, 1, 1, 1, 0, 0, 0, 0]
+        other = RequestCache(tmp_path / "c.sqlite")
+        for k in keys[4:6]:  # the other worker's answers land ...
+            other.put(k, Result(key=k, text=f"from the other worker {k[:6]}", finish_reason="stop"))
+        other.release("elsewhere:2:y")  # ... and its two failures are released
+        worker.join(timeout=30)
+        assert not worker.is_alive()
+        assert sent_counts(server, reqs) == [1, 1, 1, 1, 0, 0, 1, 1]
+    out = box["out"]
+    assert [r.cached for r in out] == [False] * 4 + [True] * 2 + [False] * 2
+    assert out[4].text.startswith("from the other worker") and all(r.ok for r in out)

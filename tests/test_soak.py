@@ -17,5 +17,6 @@ def test_soak_with_transient_faults_loses_nothing_and_asks_nothing_twice(ray_ses
     assert len(res["rounds"]) >= 2 and res["faulted_images"] >= 5 and len(res["faulted_by_kind"]) >= 2
     assert sum(v for k, v in res["llm_served"].items() if k != "ok") > 0  # the LLM did fail some requests
     assert res["images_answered_twice"] == 0 and res["llm_requests_answered_twice"] == 0
+    assert res["reference_llm_requests_answered_twice"] == 0
     first, *later = res["driver_peak_rss_mib"]
     assert max(later) <= 1.2 * first, res["driver_peak_rss_mib"]  # flat across the rounds

@@ -1,12 +1,23 @@
-"""The request cache: answers keyed by (prompt version, model, sampling, messages) in SQLite, safe against kills."""
+"""The request cache: answers keyed by (prompt version, model, sampling, messages) in SQLite, safe against kills.
+
+Single flight across processes: before sending, a worker claims the keys it misses (a row per key in `claims`,
+owner and lease); a key another live worker has claimed is waited for, not sent again, so two parts that render
+the same request (two images with the same caption) ask the server once. A claim lapses when its lease runs out
+(the owner renews it every lease/3 s from a thread while it works), when its owner's process is gone (same host),
+or when its owner's request failed (failures are not stored, so another worker may try).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,6 +53,9 @@ class RequestCache:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, result TEXT NOT NULL, created REAL NOT NULL)"
         )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL)"
+        )
 
     def __repr__(self) -> str:
         return f"RequestCache({str(self.path)!r})"
@@ -63,15 +77,69 @@ class RequestCache:
         return found
 
     def put(self, key: str, result: Result) -> bool:
-        """Store a successful answer (one committed transaction); failures are not stored, so a rerun retries them."""
+        """Store a successful answer and drop its claim (one committed transaction); failures are not stored, so a
+        rerun retries them."""
         if not result.ok:
             return False
-        with self._lock:
+        with self._lock, self._tx():
             self._db.execute(
                 "INSERT OR REPLACE INTO answers (key, result, created) VALUES (?, ?, ?)",
                 (key, to_json(result), time.time()),
             )
+            self._db.execute("DELETE FROM claims WHERE key = ?", (key,))
         return True
+
+    def claim(self, keys: list[str], owner: str, lease: float) -> tuple[set[str], set[str]]:
+        """Claim for `owner` those of `keys` that are neither answered nor held by another live claim; returns
+        (claimed, answered). One IMMEDIATE transaction, so a key is never claimed by two owners, and a key whose
+        answer landed since the caller looked is reported answered, not claimed."""
+        now, claimed, answered = time.time(), set(), set()
+        with self._lock, self._tx("BEGIN IMMEDIATE"):
+            for i in range(0, len(keys), 500):
+                chunk, marks = keys[i : i + 500], ",".join("?" * len(keys[i : i + 500]))
+                answered.update(
+                    k for (k,) in self._db.execute(f"SELECT key FROM answers WHERE key IN ({marks})", chunk)
+                )
+                held = self._db.execute(f"SELECT key, owner, expires FROM claims WHERE key IN ({marks})", chunk)
+                lapsed = [k for k, who, until in held.fetchall() if until < now or (who != owner and _gone(who))]
+                self._db.executemany("DELETE FROM claims WHERE key = ?", [(k,) for k in lapsed])
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO claims (key, owner, expires) VALUES (?, ?, ?)",
+                    [(k, owner, now + lease) for k in chunk if k not in answered],
+                )
+                claimed.update(
+                    k
+                    for (k,) in self._db.execute(
+                        f"SELECT key FROM claims WHERE owner = ? AND key IN ({marks})", [owner, *chunk]
+                    )
+                )
+        return claimed, answered
+
+    def renew(self, owner: str, lease: float) -> None:
+        """Extend every claim `owner` holds to now + lease."""
+        with self._lock:
+            self._db.execute("UPDATE claims SET expires = ? WHERE owner = ?", (time.time() + lease, owner))
+
+    def release(self, owner: str) -> None:
+        """Drop every claim `owner` still holds (its failed or unsent keys)."""
+        with self._lock:
+            self._db.execute("DELETE FROM claims WHERE owner = ?", (owner,))
+
+    def claimed_by_others(self, keys: list[str], owner: str) -> set[str]:
+        """Those of `keys` held by a live, unexpired claim of another owner."""
+        now, held = time.time(), set()
+        with self._lock:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i : i + 500]
+                rows = self._db.execute(
+                    f"SELECT key, owner, expires FROM claims WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                ).fetchall()
+                held.update(k for k, who, until in rows if who != owner and until >= now and not _gone(who))
+        return held
+
+    def _tx(self, begin: str = "BEGIN"):
+        """A transaction context (the connection is in autocommit mode)."""
+        return _Transaction(self._db, begin)
 
     def __len__(self) -> int:
         with self._lock:
@@ -83,15 +151,90 @@ class RequestCache:
             self._db.close()
 
 
-async def cached_generate(backend: Backend, cache: RequestCache, requests: list[Request]) -> list[Result]:
-    """Results in request order: hits from the cache, misses sent once each (by cache key) and stored on arrival."""
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection, begin: str):
+        self.db, self.begin = db, begin
+
+    def __enter__(self) -> None:
+        self.db.execute(self.begin)
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+HOST = socket.gethostname()
+
+
+def new_owner() -> str:
+    """A claim owner: host, pid and a random token (one per cached_generate call)."""
+    return f"{HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def _gone(owner: str) -> bool:
+    """True when the owner's process is known to be dead (same host, no such pid); other hosts rely on the lease."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class _Renewer:
+    """A thread renewing an owner's claims every lease/3 s (a thread: a backend may block the event loop)."""
+
+    def __init__(self, cache: RequestCache, owner: str, lease: float):
+        self.cache, self.owner, self.lease, self._stop = cache, owner, lease, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease / 3):
+            self.cache.renew(self.owner, self.lease)
+
+    def __enter__(self) -> _Renewer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.cache.release(self.owner)
+
+
+async def cached_generate(
+    backend: Backend, cache: RequestCache, requests: list[Request], lease: float = 30.0, poll: float = 0.2
+) -> list[Result]:
+    """Results in request order: hits from the cache, misses sent once each (by cache key) and stored on arrival;
+    a miss another worker is already asking is waited for (its answer read from the cache), not sent again."""
     keys = [key_for(r.prompt_version, backend.model, r.sampling, r.messages) for r in requests]
     hits = cache.get_many(keys)
-    misses: dict[str, Request] = {}  # cache key -> the one request sent for it
+    first: dict[str, Request] = {}  # cache key -> the one request sent for it
     for key, req in zip(keys, requests):
-        if key not in hits and key not in misses:
-            misses[key] = req.model_copy(update={"key": key})
-    fresh = {r.key: r for r in await backend.generate(list(misses.values()), on_result=lambda r: cache.put(r.key, r))}
+        if key not in hits and key not in first:
+            first[key] = req.model_copy(update={"key": key})
+    fresh: dict[str, Result] = {}
+    owner, pending = new_owner(), list(first)
+    with _Renewer(cache, owner, lease):
+        while pending:
+            mine, answered = cache.claim(pending, owner, lease)
+            hits.update(cache.get_many(answered))
+            send = [first[k] for k in pending if k in mine]
+            if send:
+                done = await backend.generate(send, on_result=lambda r: cache.put(r.key, r))
+                fresh.update((r.key, r) for r in done)
+                cache.release(owner)  # the failed ones: another worker may try them
+            pending = [k for k in pending if k not in mine and k not in answered]
+            while pending:  # held by others: wait for their answers, or for a claim to lapse
+                hits.update(cache.get_many(pending))
+                pending = [k for k in pending if k not in hits]
+                if not pending or len(cache.claimed_by_others(pending, owner)) < len(pending):
+                    break
+                await asyncio.sleep(poll)
     out = []
     for key, req in zip(keys, requests):
         if key in hits:
