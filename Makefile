@@ -43,7 +43,7 @@ lint: $(STAMP)  ## ruff: formatting and lint rules (pyproject.toml [tool.ruff])
 	$(PY) -m ruff check .
 
 test: $(STAMP) $(VLLM_STAMP) lint  ## lint, then the whole suite, slow tests included (what CI runs)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

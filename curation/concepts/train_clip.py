@@ -107,6 +107,7 @@ def train_clip(
         torch.set_num_threads(p.threads)
     torch.manual_seed(p.seed)
     model, _, preprocess = open_clip.create_model_and_transforms(p.model, pretrained=None, output_dict=True)
+    model = model.to(memory_format=torch.channels_last)  # oneDNN's fast convolution layout on CPU (~1.25x a step)
     steps = list(preprocess.transforms)
     mean = torch.tensor(steps[-1].mean).view(1, 3, 1, 1)
     std = torch.tensor(steps[-1].std).view(1, 3, 1, 1)
@@ -124,7 +125,7 @@ def train_clip(
         if at + bs > n:
             order, at = torch.randperm(n, generator=gen), 0
         idx, at = order[at : at + bs], at + bs
-        x = (pixels[idx].float() / 255.0 - mean) / std  # [B, 3, H, W]
+        x = ((pixels[idx].float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)  # [B, 3, H, W]
         for g in opt.param_groups:
             g["lr"] = _lr(step, p)
         out_ = model(x, tokens[idx])
