@@ -78,6 +78,7 @@ def encoded_batches(
     are counted in `rejects` by reason. A run dir's part lacking the image has it read by uid (trainer.data.Shard).
     `image_tokens`: copies of each `<image>`, or a function of the image's (H, W) (AnyRes: LlavaLite.tokens_for).
     `hashed`: each sample also has its uid, source file and sample_hash (schemas.mixture)."""
+    fixed = isinstance(image_tokens, int)  # else the count needs the image's size first (AnyRes)
     for f in files:
         for _, batch in Shard(f).batches(256):
             images, out = batch.column("image"), []
@@ -85,7 +86,6 @@ def encoded_batches(
             for row, (sid, conv) in enumerate(
                 zip(batch.column("id").to_pylist(), batch.column("conversations").to_pylist())
             ):
-                fixed = isinstance(image_tokens, int)  # else the count needs the image's size first (AnyRes)
                 size = None if fixed else _image_size(images[row])
                 n_tokens = image_tokens if fixed else image_tokens(size) if size else 1
                 try:
@@ -96,7 +96,7 @@ def encoded_batches(
                 if enc.n_images > 1:  # an Instruction row carries one image
                     rejects["image_count"] += 1
                     continue
-                if enc.n_images and (size or _image_size(images[row])) is None:
+                if enc.n_images and size is None and (not fixed or _image_size(images[row]) is None):
                     rejects["bad_image"] += 1
                     continue
                 out.append(

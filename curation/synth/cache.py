@@ -10,6 +10,7 @@ or when its owner's request failed (failures are not stored, so another worker m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -66,14 +67,15 @@ class RequestCache:
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Result]:
         """Cached answers for those of `keys` that have one."""
-        keys, found = list(dict.fromkeys(keys)), {}
         with self._lock:
-            for i in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
-                chunk = keys[i : i + 500]
-                rows = self._db.execute(
-                    f"SELECT key, result FROM answers WHERE key IN ({','.join('?' * len(chunk))})", chunk
-                ).fetchall()
-                found.update((k, Result.model_validate_json(v)) for k, v in rows)
+            return self._answers(list(dict.fromkeys(keys)))
+
+    def _answers(self, keys: list[str]) -> dict[str, Result]:
+        """get_many's query (the caller holds the lock)."""
+        found = {}
+        for chunk, marks in _chunks(keys):
+            rows = self._db.execute(f"SELECT key, result FROM answers WHERE key IN ({marks})", chunk)
+            found.update((k, Result.model_validate_json(v)) for k, v in rows)
         return found
 
     def put(self, key: str, result: Result) -> bool:
@@ -89,30 +91,23 @@ class RequestCache:
             self._db.execute("DELETE FROM claims WHERE key = ?", (key,))
         return True
 
-    def claim(self, keys: list[str], owner: str, lease: float) -> tuple[set[str], set[str]]:
+    def claim(self, keys: list[str], owner: str, lease: float) -> tuple[set[str], dict[str, Result]]:
         """Claim for `owner` those of `keys` that are neither answered nor held by another live claim; returns
-        (claimed, answered). One IMMEDIATE transaction, so a key is never claimed by two owners, and a key whose
-        answer landed since the caller looked is reported answered, not claimed."""
-        now, claimed, answered = time.time(), set(), set()
+        (claimed keys, answers of the answered ones). One IMMEDIATE transaction, so a key is never claimed by two
+        owners, and a key whose answer landed since the caller looked comes back answered, not claimed."""
+        now, claimed = time.time(), set()
         with self._lock, self._tx("BEGIN IMMEDIATE"):
-            for i in range(0, len(keys), 500):
-                chunk, marks = keys[i : i + 500], ",".join("?" * len(keys[i : i + 500]))
-                answered.update(
-                    k for (k,) in self._db.execute(f"SELECT key FROM answers WHERE key IN ({marks})", chunk)
-                )
+            answered = self._answers(keys)
+            for chunk, marks in _chunks(keys):
                 held = self._db.execute(f"SELECT key, owner, expires FROM claims WHERE key IN ({marks})", chunk)
-                lapsed = [k for k, who, until in held.fetchall() if until < now or (who != owner and _gone(who))]
-                self._db.executemany("DELETE FROM claims WHERE key = ?", [(k,) for k in lapsed])
+                lapsed = [(k,) for k, who, until in held.fetchall() if _lapsed(who, until, now)]
+                self._db.executemany("DELETE FROM claims WHERE key = ?", lapsed)
                 self._db.executemany(
                     "INSERT OR IGNORE INTO claims (key, owner, expires) VALUES (?, ?, ?)",
                     [(k, owner, now + lease) for k in chunk if k not in answered],
                 )
-                claimed.update(
-                    k
-                    for (k,) in self._db.execute(
-                        f"SELECT key FROM claims WHERE owner = ? AND key IN ({marks})", [owner, *chunk]
-                    )
-                )
+                mine = self._db.execute(f"SELECT key FROM claims WHERE owner = ? AND key IN ({marks})", [owner, *chunk])
+                claimed.update(k for (k,) in mine)
         return claimed, answered
 
     def renew(self, owner: str, lease: float) -> None:
@@ -129,17 +124,21 @@ class RequestCache:
         """Those of `keys` held by a live, unexpired claim of another owner."""
         now, held = time.time(), set()
         with self._lock:
-            for i in range(0, len(keys), 500):
-                chunk = keys[i : i + 500]
-                rows = self._db.execute(
-                    f"SELECT key, owner, expires FROM claims WHERE key IN ({','.join('?' * len(chunk))})", chunk
-                ).fetchall()
-                held.update(k for k, who, until in rows if who != owner and until >= now and not _gone(who))
+            for chunk, marks in _chunks(keys):
+                rows = self._db.execute(f"SELECT key, owner, expires FROM claims WHERE key IN ({marks})", chunk)
+                held.update(k for k, who, until in rows if who != owner and not _lapsed(who, until, now))
         return held
 
+    @contextlib.contextmanager
     def _tx(self, begin: str = "BEGIN"):
-        """A transaction context (the connection is in autocommit mode)."""
-        return _Transaction(self._db, begin)
+        """A transaction (the connection is in autocommit mode): committed, or rolled back on an error."""
+        self._db.execute(begin)
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def __len__(self) -> int:
         with self._lock:
@@ -151,18 +150,20 @@ class RequestCache:
             self._db.close()
 
 
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection, begin: str):
-        self.db, self.begin = db, begin
-
-    def __enter__(self) -> None:
-        self.db.execute(self.begin)
-
-    def __exit__(self, exc_type, *_) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-
 HOST = socket.gethostname()
+CHUNK = 500  # keys per query: under SQLite's bound-parameter limit
+
+
+def _chunks(keys: list[str]):
+    """(keys, "?,?,...") pieces of at most CHUNK keys."""
+    for i in range(0, len(keys), CHUNK):
+        chunk = keys[i : i + CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
+
+
+def _lapsed(owner: str, expires: float, now: float) -> bool:
+    """Whether a claim no longer holds: its lease ran out or its owner's process is gone."""
+    return expires < now or _gone(owner)
 
 
 def new_owner() -> str:
@@ -222,7 +223,7 @@ async def cached_generate(
     with _Renewer(cache, owner, lease):
         while pending:
             mine, answered = cache.claim(pending, owner, lease)
-            hits.update(cache.get_many(answered))
+            hits.update(answered)
             send = [first[k] for k in pending if k in mine]
             if send:
                 done = await backend.generate(send, on_result=lambda r: cache.put(r.key, r))
