@@ -107,7 +107,7 @@ def train_clip(
         torch.set_num_threads(p.threads)
     torch.manual_seed(p.seed)
     model, _, preprocess = open_clip.create_model_and_transforms(p.model, pretrained=None, output_dict=True)
-    model = model.to(memory_format=torch.channels_last)  # oneDNN's convolution layout (1.2x a step on CPU: bench_train_clip)
+    model = model.to(memory_format=torch.channels_last)  # oneDNN conv layout: 1.2x a CPU step (bench_train_clip)
     steps = list(preprocess.transforms)
     mean = torch.tensor(steps[-1].mean).view(1, 3, 1, 1)
     std = torch.tensor(steps[-1].std).view(1, 3, 1, 1)
