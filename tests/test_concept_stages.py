@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 import yaml
 
+import curation.concepts.sampling as bal
 from curation.concepts.embeddings import ConceptCache
 from curation.concepts.substring import SubstringMatcher
 from curation.concepts.vocab import read_vocab
@@ -77,7 +78,18 @@ def test_balance_flattens_the_distribution_and_reports_it(run):
     run_dir, manifests = run
     rep = manifests["balance"]["report"]
     before, after = rep["coverage_before"], rep["coverage_after"]
-    assert after["gini_present"] < before["gini_present"] and after["head_share_top1pct"] < before["head_share_top1pct"]
+    assert after["gini_present"] < before["gini_present"]
+    # Flatter than chance: a uniform random half of the same pool leaves the Gini where it was or higher (measured
+    # 0.668 +- 0.008 vs balance's 0.639 +- 0.004 from 0.660). The top-1% share is not asserted: on the random tower
+    # every entry is head (t < 1) and it moves by ~3 of its own sampling deviations (a CI draw once went up).
+    m = stage_rows(run_dir, "match_concepts", also=()).filter(pl.col("concept_ids").list.len() > 0)
+    ids = np.concatenate(m["concept_ids"].to_list()).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(m["concept_ids"].list.len().to_numpy())]).astype(np.int64)
+    random_gini = [
+        bal.coverage(offsets, ids, rep["n_concepts"], bal.uniforms(m["uid"].to_list(), s) < 0.5)["gini_present"]
+        for s in range(20)
+    ]
+    assert after["gini_present"] < np.mean(random_gini) - 0.01
     out, rej = stage_rows(run_dir, "balance"), stage_rows(run_dir, "balance", rejects=True)
     assert out.height == rep["selected"] and out.height + rej.height == manifests["match_concepts"]["counts"]["out"]
     assert (
