@@ -253,18 +253,21 @@ def concepts(d: list[dict]) -> list[Row]:
         "inverse_frequency_feature_trained",
         "metaclip_feature_trained",
         "inverse_frequency_substring_trained",
+        "inverse_frequency_p3_substring_trained",
         "inverse_frequency_feature_random",
         "inverse_frequency_truth",
+        "inverse_frequency_p3_truth",
         "metaclip_truth",
     ]
     names += [k for k in r["balance"] if k.startswith("inverse_frequency_truth@")]
+    goal_name = r.get("goal_selection", "inverse_frequency_feature_trained")
     for name in names:
         b = r["balance"].get(name)
         if b is None:
             continue
         ours, base, ratio = b["balanced"], b["random"], b["tail_ratio"]
-        goal = name == "inverse_frequency_feature_trained"
-        label = name.replace("_", " ").replace("truth@", "truth at ")
+        goal = name == goal_name
+        label = name.replace("_p3", " (power 3)").replace("_", " ").replace("truth@", "truth at ")
         rows.append(
             Row(
                 16,

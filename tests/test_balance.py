@@ -106,6 +106,30 @@ def test_inverse_frequency_weights_sum_and_mean():
     offsets, ids = bal.csr_from_lists([[0, 1], [3], []])
     assert np.allclose(bal.inverse_frequency_weights(offsets, ids, counts), [0.75, 1.0, 0.0])
     assert np.allclose(bal.inverse_frequency_weights(offsets, ids, counts, reduce="mean"), [0.375, 1.0, 0.0])
+    assert np.allclose(bal.inverse_frequency_weights(offsets, ids, counts, power=2), [1 / 16 + 1 / 4, 1.0, 0.0])
+
+
+def test_a_larger_power_keeps_more_of_the_tail_at_the_same_budget():
+    n_concepts = 2_000
+    offsets, ids = zipf_pool(20_000, 3, n_concepts, seed=5)
+    counts = bal.concept_counts(ids, n_concepts)
+    uids = np.arange(offsets.size - 1)
+    t = float(np.quantile(counts[counts > 0], 0.5))  # tail: the rarer half of the entries present
+    shares = [
+        bal.coverage(offsets, ids, n_concepts, bal.select(uids, offsets, ids, counts, "inverse_frequency", 2_000,
+                                                          power=p, seed=1)[0], t)["tail_share"]
+        for p in (1, 2, 3)
+    ]  # fmt: skip
+    assert shares[0] < shares[1] < shares[2]
+
+
+def test_power_belongs_to_inverse_frequency_and_stays_out_of_old_hashes():
+    from curation.ops.balance import BalanceParams
+
+    assert "power" not in BalanceParams(target_fraction=0.5).hashed()
+    assert BalanceParams(method="inverse_frequency", target_fraction=0.5, power=2).hashed()["power"] == 2
+    with pytest.raises(ValueError, match="power is inverse_frequency"):
+        BalanceParams(method="metaclip", target_fraction=0.5, power=2)
 
 
 def test_partition_independence():

@@ -74,7 +74,7 @@ def test_judge_matching_against_truth(tmp_path):
     vocab = tmp_path / "vocab.parquet"
     write_vocab(make_table(["red circle", "blue stars", "red", "green square"], "title"), vocab)  # plural: a hit
     pq.write_table(
-        pa.table({"uid": ["a", "b", "c"], "concept_ids": [[2, 0], [3, 1, 0], [0]]}),
+        pa.table({"uid": ["a", "b", "c"], "concept_ids": [[2, 0], [3, 1, 0], [1]]}),
         run / "match" / "part-00000.parquet",
     )
     r = judge_matching(run, "match", tmp_path / "truth.parquet", vocab, k=2)
@@ -82,6 +82,8 @@ def test_judge_matching_against_truth(tmp_path):
     assert r["recall@2"] == pytest.approx((1 + 0.5) / 2) and r["precision@2"] == pytest.approx((0.5 + 0.5) / 2)
     assert r["recall_all"] == 1.0 and r["precision_all"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert r["recall@2_one_compound"] == 1.0 and r["recall@2_several"] == 0.5
+    # the tail compound (blue star: 1 object) is named right on b and wrongly on c (no objects)
+    assert r["tail_objects"] == 1 and r["tail_labels@2"] == 2 and r["tail_precision@2"] == 0.5
 
 
 def _zipf_pool(n: int = 3000, seed: int = 0) -> pl.DataFrame:

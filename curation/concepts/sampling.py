@@ -206,14 +206,15 @@ def keep_mask(uids, probs: np.ndarray, seed: int) -> np.ndarray:
 
 
 def inverse_frequency_weights(
-    offsets: np.ndarray, concept_ids: np.ndarray, counts: np.ndarray, reduce: str = "sum"
+    offsets: np.ndarray, concept_ids: np.ndarray, counts: np.ndarray, reduce: str = "sum", power: float = 1.0
 ) -> np.ndarray:
-    """Image weight float64 [N]: sum (or mean) of 1/count_e over its entries; 0 for images without entries."""
+    """Image weight float64 [N]: sum (or mean) of 1/count_e^power over its entries; 0 for images without entries.
+    power 1 is LLaVA-OneVision-1.5's weight; a larger power thins the head harder."""
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
     counts = np.asarray(counts, dtype=np.float64)
     inv = np.zeros(counts.size, dtype=np.float64)
-    np.divide(1.0, counts, out=inv, where=counts > 0)  # [C]
+    np.divide(1.0, counts**power, out=inv, where=counts > 0)  # [C]
     out = np.empty(offsets.size - 1, dtype=np.float64)
     for a, b, lo, hi in _row_chunks(offsets):
         out[a:b] = _segment_reduce(np.add, inv[concept_ids[lo:hi]], offsets[a : b + 1], empty=0.0)
@@ -265,6 +266,7 @@ def select(
     tail_mass: float | None = None,
     seed: int = 0,
     reduce: str = "sum",
+    power: float = 1.0,
     min_weight: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, float | None]:
     """The balance decision for every image: (keep bool [N], weight float64 [N], t). metaclip: keep probability
@@ -281,7 +283,7 @@ def select(
             )
         weight = metaclip_probs(offsets, concept_ids, counts, t)
         return keep_mask(uids, weight, seed), weight, t
-    weight = inverse_frequency_weights(offsets, concept_ids, counts, reduce)
+    weight = inverse_frequency_weights(offsets, concept_ids, counts, reduce, power)
     return weighted_sample(uids, weight, target, seed, min_weight), weight, None
 
 

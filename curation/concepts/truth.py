@@ -49,15 +49,25 @@ def _stage_rows(run_dir: Path, stage: str, columns: list[str]) -> pl.DataFrame:
 
 def judge_matching(run_dir: Path, stage: str, truth: Path, vocab: Path, k: int = 5) -> dict:
     """Precision and recall of a match_concepts stage's entries against the drawn compounds, over the images with
-    at least one drawn compound: @k (the first k entries: feature matches, best first) and over all entries. An
-    entry naming a compound in the plural ("green rings") counts as that compound."""
+    at least one drawn compound: @k (the first k entries: feature matches, best first) and over all entries; and the
+    precision of the top-k entries that name a tail compound (`head_and_tail`). An entry naming a compound in the
+    plural ("green rings") counts as that compound."""
     texts = pl.read_parquet(vocab, columns=["id", "text"])
     names = dict(zip(texts["id"].to_list(), (_singular(t) for t in texts["text"].to_list())))
     rows = _stage_rows(run_dir, stage, ["uid", "concept_ids"]).join(
         image_concepts(run_dir, truth), on="uid", how="inner"
     )
+    counts: dict[str, int] = {}
+    for drawn in rows["concepts"].to_list():
+        for c in drawn or ():
+            counts[c] = counts.get(c, 0) + 1
+    _, tail = head_and_tail(counts) if counts else (set(), set())
+    tail_labels = tail_right = 0  # top-k entries naming a tail compound, and those the image really holds
     p_k, r_k, p_all, r_all, one = [], [], [], [], []
     for ids, drawn in zip(rows["concept_ids"].to_list(), rows["concepts"].to_list()):
+        labels = [names[i] for i in ids[:k] if names[i] in tail]
+        tail_labels += len(labels)
+        tail_right += sum(c in (drawn or ()) for c in labels)
         if not drawn:
             continue
         drawn = set(drawn)
@@ -81,6 +91,11 @@ def judge_matching(run_dir: Path, stage: str, truth: Path, vocab: Path, k: int =
         f"recall@{k}_one_compound": mean([r for r, o in zip(r_k, one) if o]),  # images of one compound
         f"recall@{k}_several": mean([r for r, o in zip(r_k, one) if not o]),  # of 2-3 (the binding problem)
         "entries_per_image": float(rows["concept_ids"].list.len().mean() or 0.0),
+        # what inverse frequency feeds on: of the top-k entries naming a tail compound, the share that is right
+        # (a head image labelled with a tail compound counts as tail, and heads outnumber tails 100 to 1)
+        f"tail_labels@{k}": tail_labels,
+        f"tail_precision@{k}": tail_right / tail_labels if tail_labels else 0.0,
+        "tail_objects": sum(counts[c] for c in tail),
     }
 
 
@@ -185,7 +200,14 @@ def judge_drops(uids: list[str], dropped: set[str], planted: set[str]) -> dict:
     }
 
 
-def truth_selection(pool: pl.DataFrame, fraction: float, method: str = "inverse_frequency", seed: int = 0) -> set[str]:
+def power_tag(power: float) -> str:
+    """How a selection's name shows inverse frequency's power: '' for 1 (LLaVA-OneVision-1.5's), '_p2' for 2."""
+    return "" if power == 1 else f"_p{power:g}"
+
+
+def truth_selection(
+    pool: pl.DataFrame, fraction: float, method: str = "inverse_frequency", seed: int = 0, power: float = 1.0
+) -> set[str]:
     """The selection `balance` would make if its matches were the drawn compounds themselves (an upper bound for
     any matcher): the same sampling code, the same target (`fraction` of the images with concepts) and seed."""
     from curation.concepts import sampling as bal
@@ -196,17 +218,21 @@ def truth_selection(pool: pl.DataFrame, fraction: float, method: str = "inverse_
     counts = bal.concept_counts(ids, max(1, len(names)))
     uids = np.asarray(pool["uid"].to_list(), dtype=object)
     target = round(fraction * int((np.diff(offsets) > 0).sum()))
-    keep, _, _ = bal.select(uids, offsets, ids, counts, method, target, seed=seed)
+    keep, _, _ = bal.select(uids, offsets, ids, counts, method, target, seed=seed, power=power)
     return set(uids[keep].tolist())
 
 
-def judge_truth_balance(run_dir: Path, pool_stage: str, truth: Path, fraction: float, seed: int = 0, **kw) -> dict:
-    """`truth_selection` of a stage's rows (inverse frequency and MetaCLIP), each beside uniform random of its size."""
+def judge_truth_balance(
+    run_dir: Path, pool_stage: str, truth: Path, fraction: float, seed: int = 0, powers=(1.0,), **kw
+) -> dict:
+    """`truth_selection` of a stage's rows (inverse frequency at each of `powers`, and MetaCLIP), each beside uniform
+    random of its size."""
     pool = _stage_rows(run_dir, pool_stage, ["uid"]).join(image_concepts(run_dir, truth), on="uid", how="left")
     out = {}
-    for method in ("inverse_frequency", "metaclip"):
-        kept = truth_selection(pool, fraction, method, seed)
-        out[f"{method}_truth"] = {
+    runs = [("inverse_frequency", p) for p in powers] + [("metaclip", 1.0)]
+    for method, power in runs:
+        kept = truth_selection(pool, fraction, method, seed, power)
+        out[f"{method}{power_tag(power)}_truth"] = {
             "balanced": concept_shares(pool, kept, **kw),
             "random": random_shares(pool, len(kept), **kw),
         }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +27,7 @@ class BalanceParams(Params):
     method: Literal["metaclip", "inverse_frequency"] = Field(
         "metaclip",
         description="metaclip: keep with 1 - prod(1 - min(1, t/count)); inverse_frequency: "
-        "draw target images without replacement, weight = sum (or mean) of 1/count (LLaVA-OneVision-1.5)",
+        "draw target images without replacement, weight = sum (or mean) of 1/count^power (LLaVA-OneVision-1.5)",
     )
     t: float | None = Field(None, gt=0, description="metaclip threshold (20,000 for a 400M pool)")
     tail_mass: float | None = Field(
@@ -39,12 +39,19 @@ class BalanceParams(Params):
     )
     seed: int = 0
     reduce: Literal["sum", "mean"] = "sum"
+    power: float = Field(
+        1.0,
+        gt=0,
+        description="inverse_frequency: the exponent of 1/count (a sampling temperature); > 1 thins the head harder "
+        "(bench/RESULTS.md: 3 keeps 3x random's tail share at 25% on substring matches, 1 keeps 1.6x)",
+    )
     min_weight: float = Field(
         0.0, ge=0, description="inverse_frequency: weight floor; > 0 lets images without concepts be drawn"
     )
     vocab: str | None = Field(
         None, description="vocabulary Parquet: names the entries in coverage.parquet and sets their number"
     )
+    ADDED_LATER: ClassVar[dict[str, Any]] = {"power": 1.0}
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -56,6 +63,8 @@ class BalanceParams(Params):
         )
         if len(given) != 1 or given[0] not in allowed:
             raise ValueError(f"method {self.method} needs exactly one of {', '.join(allowed)}; got {given or 'none'}")
+        if self.method == "metaclip" and self.power != 1.0:
+            raise ValueError("power is inverse_frequency's exponent; metaclip thins the head by t")
         return self
 
 
@@ -110,6 +119,7 @@ class Balance(Op):
             tail_mass=p.tail_mass,
             seed=p.seed,
             reduce=p.reduce,
+            power=p.power,
             min_weight=p.min_weight,
         )
         before, after = bal.coverage(offsets, ids, n_concepts, None, t), bal.coverage(offsets, ids, n_concepts, keep, t)
@@ -132,6 +142,7 @@ class Balance(Op):
                 "t": t,
                 "target": target,
                 "seed": p.seed,
+                "power": p.power,
                 "pool": int(uids.size),
                 "with_concepts": matched,
                 "selected": int(keep.sum()),
