@@ -83,8 +83,7 @@ def test_balance_flattens_the_distribution_and_reports_it(run):
     # 0.668 +- 0.008 vs balance's 0.639 +- 0.004 from 0.660). The top-1% share is not asserted: on the random tower
     # every entry is head (t < 1) and it moves by ~3 of its own sampling deviations (a CI draw once went up).
     m = stage_rows(run_dir, "match_concepts", also=()).filter(pl.col("concept_ids").list.len() > 0)
-    ids = np.concatenate(m["concept_ids"].to_list()).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(m["concept_ids"].list.len().to_numpy())]).astype(np.int64)
+    offsets, ids = bal.csr_from_lists(m["concept_ids"].to_list())
     random_gini = [
         bal.coverage(offsets, ids, rep["n_concepts"], bal.uniforms(m["uid"].to_list(), s) < 0.5)["gini_present"]
         for s in range(20)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +58,7 @@ def judge_matching(run_dir: Path, stage: str, truth: Path, vocab: Path, k: int =
     rows = _stage_rows(run_dir, stage, ["uid", "concept_ids"]).join(
         image_concepts(run_dir, truth), on="uid", how="inner"
     )
-    counts: dict[str, int] = {}
-    for drawn in rows["concepts"].to_list():
-        for c in drawn or ():
-            counts[c] = counts.get(c, 0) + 1
+    counts = Counter(c for drawn in rows["concepts"].to_list() for c in drawn or ())
     _, tail = head_and_tail(counts) if counts else (set(), set())
     tail_labels = tail_right = 0  # top-k entries naming a tail compound, and those the image really holds
     p_k, r_k, p_all, r_all, one = [], [], [], [], []
