@@ -28,6 +28,7 @@ class CountParams(Params):
     rows: int = 5
     fail_flag: str  # while this file exists, part-00001 raises
     calls: str  # a folder where every process() call leaves a file
+    orphan: bool = False  # part-00002 leaves a temp file behind, as a writer killed mid-write does
 
 
 class CountSource(Op):
@@ -52,6 +53,8 @@ class CountSource(Op):
         (calls / f"{part}-{len(list(calls.glob(part + '-*')))}").touch()
         if part == "part-00001" and Path(self.params.fail_flag).exists():
             raise RuntimeError("injected failure")
+        if part == "part-00002" and self.params.orphan:
+            (self.work.parent / f".{part}.parquet.tmp-{os.getpid() + 1}").write_bytes(b"PAR1")
         rows = [
             {"url": f"http://127.0.0.1/{part}/{i}", "caption": None, "uid": f"{part}-{i}"}
             for i in range(self.params.rows)
@@ -99,6 +102,16 @@ def test_failed_parts_are_redone_and_finished_parts_are_not(ray_session, source_
     assert len(_calls(tmp_path)) == 5
     run_pipeline(_pipeline(tmp_path, rows=6), run)  # config changed: every part again
     assert len(_calls(tmp_path)) == 9
+
+
+def test_a_killed_writers_temp_file_is_gone_when_the_stage_completes(ray_session, source_op, tmp_path):
+    """A worker SIGKILLed mid-write leaves `.part-N.parquet.tmp-<pid>`; Ray runs the part again and commits it, and
+    the completed stage holds no temp file (not only the next run's start cleans it)."""
+    run = tmp_path / "run"
+    m = run_pipeline(_pipeline(tmp_path, orphan=True), run)["src"]
+    assert m["status"] == "complete" and m["counts"]["out"] == 20
+    assert (run / "src" / "part-00002.parquet").exists()
+    assert not list(run.rglob(".*.tmp-*"))
 
 
 class LifeParams(Params):

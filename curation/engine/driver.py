@@ -176,6 +176,8 @@ def run_stage(pipeline: Pipeline, name: str, run_dir: Path, progress: Progress, 
         if errors:
             break
     timings["total_s"] = time.time() - t0
+    if not errors:  # a worker killed mid-write left its temp file; Ray ran that part again under another pid
+        sd.clean_temp()
     return _write_manifest(stage, sd, op, run.parts, state, timings, errors or [])
 
 
