@@ -252,15 +252,16 @@ def table(res: dict) -> str:
     lines += [
         "",
         f"| match stage | images | precision@{K} | recall@{K} | recall@{K}, one compound | recall@{K}, 2-3 "
-        f"| precision (all) | recall (all) | top-{K} tail labels (right) |",
+        f"| precision (all) | recall (all) | top-{K} tail labels (right) | wrong compounds on 2-3 swapped (chance) |",
     ]
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for s, r in res["matching"].items():
         lines.append(
             f"| {s} | {r['images']:,} | {r[f'precision@{K}']:.3f} | {r[f'recall@{K}']:.3f} | "
             f"{r[f'recall@{K}_one_compound']:.3f} | {r[f'recall@{K}_several']:.3f} | "
             f"{r['precision_all']:.3f} | {r['recall_all']:.3f} | "
-            f"{r[f'tail_labels@{K}']:,} ({r[f'tail_precision@{K}']:.2f}) |"
+            f"{r[f'tail_labels@{K}']:,} ({r[f'tail_precision@{K}']:.2f}) | "
+            f"{r['swapped_share']:.2f} ({r['swapped_chance']:.3f}) |"
         )
     lines += ["", "| clip_score tower | rows | planted mismatched | dropped | precision | recall | AUC |"]
     lines.append("|---|---|---|---|---|---|---|")

@@ -8,7 +8,13 @@ prints recall@5 of the drawn compounds (all images / one compound / 2-3) for: th
 does), CSLS hubness correction (2 cos - r_c, r_c = mean of the concept's k best image cosines; k = 5, 10, 50), the
 cosine minus each entry's mean, and the vocabulary without caption bigrams holding a function word ("a green",
 "cross on") and without case duplicates; then the rank of the right compound on one-compound images and the
-entries that most often take a top-5 place from it.
+entries that most often take a top-5 place from it, and the recall when a compound's French or Spanish name counts
+as the compound. Then, against the full vocabulary and the 72 compound names
+alone: querybank normalisation (Bogolin et al., CVPR 2022: each entry's cosine as an inverted softmax over a bank
+of 1,000 images), matching pursuit (take the best entry, remove its direction from the image embedding, search
+again: SpLiCE-like, for images of several objects), and region crops (the image and 5 crops of 60% of its sides
+embedded by the tower; merged by each entry's best cosine, or round-robin: the image's 2 best, then each crop's
+best not yet taken), on the first `--crop-images` judged images.
 """
 
 from __future__ import annotations
@@ -31,11 +37,15 @@ FUNCTION_WORDS = frozenset(
 def main() -> None:
     from curation.concepts.embeddings import ConceptCache
     from curation.concepts.truth import _singular, image_concepts
+    from curation.fixtures.words import names_abroad
     from schemas.rundir import read_file
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "concepts")
-    out = ap.parse_args().out
+    ap.add_argument("--tower", type=Path, help="the checkpoint embed_trained used (default: OUT/models/trained.pt)")
+    ap.add_argument("--crop-images", type=int, default=1200, help="judged images embedded with their crops")
+    args = ap.parse_args()
+    out = args.out
     run, web = out / "run", out / "web"
     tabs = [read_file(f, ["uid", "image_embedding", "model"]) for f in sorted((run / "embed_trained").glob("part-*"))]
     uids = [u for t in tabs for u in t.column("uid").to_pylist()]
@@ -58,6 +68,13 @@ def main() -> None:
         top = np.argpartition(-scores, k, axis=1)[:, :k]
         per = [(len(drawn[u] & {names[j] for j in top[i]}) / len(drawn[u]), len(drawn[u]) == 1)
                for i, u in enumerate(uids) if u in drawn]  # fmt: skip
+        mean = lambda rs: round(float(np.mean(rs)), 3)  # noqa: E731
+        return mean([r for r, _ in per]), mean([r for r, o in per if o]), mean([r for r, o in per if not o])
+
+    def recall_of(tops, drawn_sets=None) -> tuple[float, float, float]:
+        """(all, one compound, 2-3) recall of each judged image's top names."""
+        sets = drawn_sets or [drawn[u] for u in uids if u in drawn]
+        per = [(len(d & set(t)) / len(d), len(d) == 1) for t, d in zip(tops, sets)]
         mean = lambda rs: round(float(np.mean(rs)), 3)  # noqa: E731
         return mean([r for r, _ in per]), mean([r for r, o in per if o]), mean([r for r, o in per if not o])
 
@@ -84,6 +101,85 @@ def main() -> None:
         "one compound: right entry at rank < 1/5/10/20:", [round(float((ranks < k).mean()), 3) for k in (1, 5, 10, 20)]
     )
     print("entries taking top-5 places most often:", thieves.most_common(20))
+    abroad = {k: f"{c} {s}" for k, (c, s) in names_abroad().items()}
+    print(
+        f"raw cosine, a French or Spanish name counted as its compound ({sum(t in abroad for t in raw)} entries)",
+        recall_of([abroad.get(raw[j], names[j]) for j in top5(s[i])] for i, u in enumerate(uids) if u in drawn),
+    )
+
+    judged = [i for i, u in enumerate(uids) if u in drawn]
+    compounds = ConceptCache(str(out / "compounds.parquet"), model_id, cache.template, str(out / "cache"))
+    for label, vocab in (("full vocabulary", cache), ("72 names", compounds)):
+        v = vocab.embeddings().astype(np.float32)  # [C, D]
+        vnames = [_singular(t) for t in vocab.vocab.column("text").to_pylist()]
+        bank = x[np.random.default_rng(0).choice(len(x), min(1000, len(x)), replace=False)] @ v.T  # [B, C]
+        sv = x @ v.T  # [N, C]
+        print(f"{label}: raw cosine", recall_of([vnames[j] for j in top5(sv[i])] for i in judged))
+        for beta in (10, 100):
+            norm = np.log(np.exp(beta * (bank - bank.max(0))).sum(0)) + beta * bank.max(0)  # [C]
+            qb = ([vnames[j] for j in top5(beta * sv[i] - norm)] for i in judged)
+            print(f"{label}: querybank norm beta={beta}", recall_of(qb))
+        print(f"{label}: matching pursuit", recall_of([vnames[j] for j in pursuit(x[i], v)] for i in judged))
+        sub = judged[: args.crop_images]
+        crops = crop_embeddings(run, [uids[i] for i in sub], args.tower or out / "models" / "trained.pt")
+        sc = crops @ v.T  # [n, 6, C]
+        dr = [drawn[uids[i]] for i in sub]
+        print(f"{label}: {len(sub)} images, raw cosine", recall_of(([vnames[j] for j in top5(c[0])] for c in sc), dr))
+        print(f"{label}: crops, best cosine", recall_of(([vnames[j] for j in top5(c.max(0))] for c in sc), dr))
+        print(f"{label}: crops, round-robin", recall_of((round_robin(c, vnames) for c in sc), dr))
+
+
+def top5(scores: np.ndarray) -> np.ndarray:
+    return np.argsort(-scores)[:5]
+
+
+def pursuit(q: np.ndarray, v: np.ndarray, k: int = 5) -> list[int]:
+    """Greedy matching pursuit: the best entry, then the best for what the picked entries leave of q."""
+    picked, r = [], q.copy()
+    for _ in range(k):
+        j = next(j for j in np.argsort(-(v @ r)) if j not in picked)
+        picked.append(j)
+        r = r - (r @ v[j]) * v[j]
+    return picked
+
+
+def round_robin(s: np.ndarray, names: list[str], k: int = 5) -> list[str]:
+    """s [1 + crops, C]: the whole image's 2 best names, then each crop's best name not yet taken, in turn."""
+    orders = [iter(np.argsort(-row)) for row in s]
+    got = [names[j] for j in np.argsort(-s[0])[:2]]
+    while len(got) < k:
+        for o in orders[1:]:
+            name = next(names[j] for j in o if names[j] not in got)
+            if len(got) < k:
+                got.append(name)
+    return got
+
+
+def crop_embeddings(run: Path, uids: list[str], tower: Path) -> np.ndarray:
+    """[N, 6, D]: each image and its 4 corner and 1 centre crops of 60% of its sides, through the tower."""
+    import io
+
+    import polars as pl
+    from PIL import Image
+
+    from curation.concepts.clip import load_clip
+
+    clip = load_clip("curation-tiny-clip-rn", str(tower), "fp32")
+    images = pl.read_parquet(run / "ingest" / "part-*.parquet", columns=["uid", "image"])
+    data = dict(zip(images["uid"].to_list(), images["image"].to_list()))
+    flat = []
+    for u in uids:
+        im = Image.open(io.BytesIO(data[u])).convert("RGB")
+        w, h = im.size
+        cw, ch = int(w * 0.6), int(h * 0.6)
+        flat.append(data[u])
+        for x0, y0 in ((0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch), ((w - cw) // 2, (h - ch) // 2)):
+            buf = io.BytesIO()
+            im.crop((x0, y0, x0 + cw, y0 + ch)).save(buf, "PNG")
+            flat.append(buf.getvalue())
+    emb, _, errors = clip.encode_images(flat, batch_size=64)
+    assert not errors, errors
+    return emb.reshape(len(uids), 6, -1)
 
 
 if __name__ == "__main__":

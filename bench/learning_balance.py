@@ -2,10 +2,12 @@
 than a uniform random selection of the same size?
 
     .venv/bin/python bench/learning_balance.py [--urls 12000] [--fraction 0.25] [--steps 800] [--seeds 0 1 2]
+        [--power 1]
 
 Chain: a long-tailed fixture web (`make_web(scenes="longtail")`: 72 colour x shape compounds drawn from a Zipf law,
 captions naming them) served on 127.0.0.1 -> ingest, dedup, filter, match_concepts (MetaCLIP's substring matcher
-over the 72 compound names, no tower needed), balance (inverse frequency, `--fraction` of the matched images),
+over the 72 compound names, no tower needed), balance (inverse frequency at `--power`, `--fraction` of the matched
+images),
 instruct (short_answer, rules backend: "What color is the star?" per object whose shape is alone in its image) on the
 whole pool. Arms, each the pool's instruction rows of one uid set of the same size: `balanced` (balance's selection),
 `random` (uniform, uid-hashed), and `truth` (the same inverse-frequency sampling on the drawn compounds: the upper
@@ -36,7 +38,7 @@ ARMS = ("balanced", "random", "truth")
 _COLOUR_Q = re.compile(r"^What colou?r is the (\w+)\?")
 
 
-def pipeline(web: Path, vocab: Path, fraction: float | None) -> dict:
+def pipeline(web: Path, vocab: Path, fraction: float | None, power: float = 1.0) -> dict:
     """ingest -> dedup -> filter -> match_concepts (substring) [-> balance]; instruct (colour questions) on the pool."""
     rules = {
         "backend": "rules",
@@ -68,13 +70,18 @@ def pipeline(web: Path, vocab: Path, fraction: float | None) -> dict:
         stages["balance"] = {
             "op": "balance",
             "after": ["match_concepts"],
-            "params": {"method": "inverse_frequency", "target_fraction": fraction, "vocab": str(vocab)},
+            "params": {
+                "method": "inverse_frequency",
+                "target_fraction": fraction,
+                "vocab": str(vocab),
+                **({"power": power} if power != 1 else {}),
+            },
         }
     return {"name": "learning_balance", "stages": stages}
 
 
 def run_web(
-    workdir: Path, name: str, n: int, seed: int, vocab: Path, fraction: float | None
+    workdir: Path, name: str, n: int, seed: int, vocab: Path, fraction: float | None, power: float = 1.0
 ) -> tuple[Path, Path, dict]:
     """Make and serve a long-tailed web, run the chain; (run dir, web dir, stage counts)."""
     from curation.engine.config import parse_pipeline
@@ -85,11 +92,11 @@ def run_web(
     web, run = workdir / f"{name}_web", workdir / f"{name}_run"
     make_web(web, n=n, port=free_port(), seed=seed, scenes="longtail")
     with WebServer(web):
-        manifests = run_pipeline(parse_pipeline(pipeline(web, vocab, fraction), name), run)
+        manifests = run_pipeline(parse_pipeline(pipeline(web, vocab, fraction, power), name), run)
     return run, web, {k: m["counts"] for k, m in manifests.items()}
 
 
-def selections(run: Path, web: Path, fraction: float) -> tuple[dict[str, set[str]], dict]:
+def selections(run: Path, web: Path, fraction: float, power: float = 1.0) -> tuple[dict[str, set[str]], dict]:
     """The arms' uid sets (same size) and the tail figures of each (concept_shares: tail share, retention)."""
     import polars as pl
 
@@ -101,7 +108,7 @@ def selections(run: Path, web: Path, fraction: float) -> tuple[dict[str, set[str
         .sort("uid")
     )
     balanced = set(pl.read_parquet(run / "balance" / "part-*.parquet", columns=["uid"])["uid"].to_list())
-    truth = truth_selection(pool, fraction)
+    truth = truth_selection(pool, fraction, power=power)
     size = len(balanced)
     arms = {
         "balanced": balanced,
@@ -187,6 +194,7 @@ def experiment(
     web_seed: int = 11,
     lr: float = 3e-3,
     arms: tuple[str, ...] = ARMS,
+    power: float = 1.0,
 ) -> dict:
     """The whole experiment in `workdir`: per arm and seed, held-out colour accuracy on tail and head compounds."""
     import polars as pl
@@ -200,9 +208,9 @@ def experiment(
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     vocab = compound_vocab(workdir)  # the 72 names, as bench/bench_concepts.py matches them
-    run, web, counts = run_web(workdir, "pool", n_urls, web_seed, vocab, fraction)
+    run, web, counts = run_web(workdir, "pool", n_urls, web_seed, vocab, fraction, power)
     held_run, _, _ = run_web(workdir, "held", held_urls or max(400, n_urls // 3), web_seed + 1000, vocab, None)
-    chosen, shares = selections(run, web, fraction)
+    chosen, shares = selections(run, web, fraction, power)
     objs = image_concepts(run, web / "truth.parquet").explode("concepts").drop_nulls("concepts")
     pool_counts = dict(objs.group_by("concepts").len().iter_rows())
     buckets = bucket_of(pool_counts)
@@ -210,7 +218,8 @@ def experiment(
     pool_rows = RunDir(run).read("short_answer", cols).to_pylist()
     held_qs = colour_questions(RunDir(held_run).read("short_answer", cols).to_pylist())
     t_data = time.perf_counter() - t0
-    res: dict = {"urls": n_urls, "fraction": fraction, "steps": steps, "seeds": list(seeds), "counts": counts}
+    res: dict = {"urls": n_urls, "fraction": fraction, "power": power, "steps": steps, "seeds": list(seeds)}
+    res["counts"] = counts
     res["selection"] = {
         a: {k: shares[a][k] for k in ("images", "tail_share", "head_share", "tail_retention")} for a in arms
     }
@@ -260,6 +269,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--web-seed", type=int, default=11)
     ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    ap.add_argument("--power", type=float, default=1.0, help="inverse frequency's power (balance and truth arms)")
     ap.add_argument("--out", type=Path, default=None, help="work dir (default: a temp dir)")
     ap.add_argument("--json", action="store_true", help="print one JSON line (for `make bench`)")
     args = ap.parse_args()
@@ -275,6 +285,7 @@ def main() -> None:
         tuple(args.seeds),
         args.web_seed,
         arms=tuple(args.arms),
+        power=args.power,
     )
     if args.json:
         print(json.dumps(res))

@@ -84,6 +84,28 @@ def test_judge_matching_against_truth(tmp_path):
     assert r["recall@2_one_compound"] == 1.0 and r["recall@2_several"] == 0.5
     # the tail compound (blue star: 1 object) is named right on b and wrongly on c (no objects)
     assert r["tail_objects"] == 1 and r["tail_labels@2"] == 2 and r["tail_precision@2"] == 0.5
+    assert r["wrong@2_several"] == {"neither": 1} and r["swapped_share"] == 0.0  # b's 'green square'
+
+
+def test_wrong_entries_are_sorted_by_what_they_share_with_the_drawn_compounds():
+    """Red circle + blue star: 'blue circle' swaps the drawn attributes, 'red ring' keeps only the colour, 'green
+    star' only the shape, 'green ring' neither; chance of a swap among the 70 other compounds is 2/70."""
+    from curation.concepts.truth import binding_errors, swap_chance
+
+    drawn = {"red circle", "blue star"}
+    top = ["red circle", "blue circle", "red ring", "green star", "green ring", "a red"]
+    assert binding_errors(top, drawn) == {
+        "swapped": 1, "colour_only": 1, "shape_only": 1, "neither": 1, "not_a_compound": 1
+    }  # fmt: skip
+    assert swap_chance(drawn) == pytest.approx(2 / 70)
+
+
+def test_names_abroad_are_the_captions_words_for_each_compound():
+    from curation.fixtures.words import names_abroad
+
+    abroad = names_abroad()
+    assert abroad["losange gris"] == ("grey", "diamond") and abroad["estrellas negras"] == ("black", "star")
+    assert abroad["étoile verte"] == ("green", "star") and len(set(abroad.values())) == 80  # 8 shapes x 10 colours
 
 
 def _zipf_pool(n: int = 3000, seed: int = 0) -> pl.DataFrame:

@@ -44,6 +44,41 @@ def _singular(entry: str) -> str:
     return _plurals().get(entry, entry)
 
 
+@functools.cache
+def _compound_parts() -> dict[str, tuple[str, str]]:
+    """ "red circle" -> ("red", "circle"), for every compound."""
+    from curation.fixtures.scenes import COMPOUNDS
+
+    return {f"{c} {s}": (c, s) for c, s in COMPOUNDS}
+
+
+def binding_errors(top: list[str], drawn: set[str]) -> Counter:
+    """The wrong entries among an image's `top` names, by what they share with the drawn compounds: `swapped` (a
+    drawn colour on another drawn object's shape: the attributes seen, bound wrong), `colour_only`, `shape_only`,
+    `neither`, or `not_a_compound` (a word or bigram)."""
+    parts = _compound_parts()
+    colours, shapes = {parts[d][0] for d in drawn}, {parts[d][1] for d in drawn}
+    kinds = Counter()
+    for name in top:
+        if name in drawn:
+            continue
+        if name not in parts:
+            kinds["not_a_compound"] += 1
+            continue
+        c, s = parts[name]
+        kinds[{(True, True): "swapped", (True, False): "colour_only", (False, True): "shape_only"}.get(
+            (c in colours, s in shapes), "neither")] += 1  # fmt: skip
+    return kinds
+
+
+def swap_chance(drawn: set[str]) -> float:
+    """The share of swapped compounds among the compounds not drawn: what `swapped` would be by chance."""
+    parts = _compound_parts()
+    colours, shapes = {parts[d][0] for d in drawn}, {parts[d][1] for d in drawn}
+    rest = [p for n, p in parts.items() if n not in drawn]
+    return sum(c in colours and s in shapes for c, s in rest) / len(rest)
+
+
 def _stage_rows(run_dir: Path, stage: str, columns: list[str]) -> pl.DataFrame:
     return pl.read_parquet(Path(run_dir) / stage / "part-*.parquet", columns=columns)
 
@@ -62,6 +97,7 @@ def judge_matching(run_dir: Path, stage: str, truth: Path, vocab: Path, k: int =
     _, tail = head_and_tail(counts) if counts else (set(), set())
     tail_labels = tail_right = 0  # top-k entries naming a tail compound, and those the image really holds
     p_k, r_k, p_all, r_all, one = [], [], [], [], []
+    wrong, chance = Counter(), []  # images of several compounds: their wrong top-k entries, by kind
     for ids, drawn in zip(rows["concept_ids"].to_list(), rows["concepts"].to_list()):
         labels = [names[i] for i in ids[:k] if names[i] in tail]
         tail_labels += len(labels)
@@ -72,6 +108,9 @@ def judge_matching(run_dir: Path, stage: str, truth: Path, vocab: Path, k: int =
         one.append(len(drawn) == 1)
         got = [names[i] for i in ids]
         top = got[:k]
+        if len(drawn) > 1:
+            wrong += binding_errors(top, drawn)
+            chance.append(swap_chance(drawn))
         hits_k, hits_all = len(drawn & set(top)), len(drawn & set(got))
         p_k.append(hits_k / k)
         r_k.append(hits_k / len(drawn))
@@ -94,6 +133,11 @@ def judge_matching(run_dir: Path, stage: str, truth: Path, vocab: Path, k: int =
         f"tail_labels@{k}": tail_labels,
         f"tail_precision@{k}": tail_right / tail_labels if tail_labels else 0.0,
         "tail_objects": sum(counts[c] for c in tail),
+        # CLIP's bag of words (Yuksekgonul et al., ICLR 2023): on several-object images, how many wrong top-k
+        # compounds carry a drawn colour on another drawn object's shape, beside the share chance would give
+        f"wrong@{k}_several": dict(wrong),
+        "swapped_share": wrong["swapped"] / (wrong.total() - wrong["not_a_compound"] or 1),
+        "swapped_chance": mean(chance),
     }
 
 
