@@ -66,8 +66,10 @@ def binding_errors(top: list[str], drawn: set[str]) -> Counter:
             kinds["not_a_compound"] += 1
             continue
         c, s = parts[name]
-        kinds[{(True, True): "swapped", (True, False): "colour_only", (False, True): "shape_only"}.get(
-            (c in colours, s in shapes), "neither")] += 1  # fmt: skip
+        if c in colours:
+            kinds["swapped" if s in shapes else "colour_only"] += 1
+        else:
+            kinds["shape_only" if s in shapes else "neither"] += 1
     return kinds
 
 
