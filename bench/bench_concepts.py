@@ -89,7 +89,7 @@ def pipeline(
                             "method": method,
                             "target_fraction": fraction,
                             "vocab": str(compounds if m == "feature_compounds" else vocab),
-                            **({"power": power} if power != 1 else {}),
+                            "power": power,
                         },
                     }
     return {"name": "concepts_truth", "stages": stages}

@@ -64,19 +64,18 @@ def main() -> None:
     drawn = {u: set(c) for u, c in zip(truth["uid"].to_list(), truth["concepts"].to_list()) if c}
     s = x @ cache.embeddings().astype(np.float32).T  # [N, C]
 
-    def recall(scores: np.ndarray, k: int = 5) -> tuple[float, float, float]:
-        top = np.argpartition(-scores, k, axis=1)[:, :k]
-        per = [(len(drawn[u] & {names[j] for j in top[i]}) / len(drawn[u]), len(drawn[u]) == 1)
-               for i, u in enumerate(uids) if u in drawn]  # fmt: skip
-        mean = lambda rs: round(float(np.mean(rs)), 3)  # noqa: E731
-        return mean([r for r, _ in per]), mean([r for r, o in per if o]), mean([r for r, o in per if not o])
+    judged = [i for i, u in enumerate(uids) if u in drawn]
 
     def recall_of(tops, drawn_sets=None) -> tuple[float, float, float]:
         """(all, one compound, 2-3) recall of each judged image's top names."""
-        sets = drawn_sets or [drawn[u] for u in uids if u in drawn]
+        sets = drawn_sets or [drawn[uids[i]] for i in judged]
         per = [(len(d & set(t)) / len(d), len(d) == 1) for t, d in zip(tops, sets)]
         mean = lambda rs: round(float(np.mean(rs)), 3)  # noqa: E731
         return mean([r for r, _ in per]), mean([r for r, o in per if o]), mean([r for r, o in per if not o])
+
+    def recall(scores: np.ndarray) -> tuple[float, float, float]:
+        """recall_of the top 5 entries of each judged image's `scores` row [N, C]."""
+        return recall_of([names[j] for j in top5(scores[i])] for i in judged)
 
     print("images", len(uids), "entries", len(raw), "(all / one compound / 2-3)")
     print("raw cosine            ", recall(s))
@@ -104,16 +103,15 @@ def main() -> None:
     abroad = {k: f"{c} {s}" for k, (c, s) in names_abroad().items()}
     print(
         f"raw cosine, a French or Spanish name counted as its compound ({sum(t in abroad for t in raw)} entries)",
-        recall_of([abroad.get(raw[j], names[j]) for j in top5(s[i])] for i, u in enumerate(uids) if u in drawn),
+        recall_of([abroad.get(raw[j], names[j]) for j in top5(s[i])] for i in judged),
     )
 
-    judged = [i for i, u in enumerate(uids) if u in drawn]
     compounds = ConceptCache(str(out / "compounds.parquet"), model_id, cache.template, str(out / "cache"))
     for label, vocab in (("full vocabulary", cache), ("72 names", compounds)):
         v = vocab.embeddings().astype(np.float32)  # [C, D]
         vnames = [_singular(t) for t in vocab.vocab.column("text").to_pylist()]
         bank = x[np.random.default_rng(0).choice(len(x), min(1000, len(x)), replace=False)] @ v.T  # [B, C]
-        sv = x @ v.T  # [N, C]
+        sv = s if vocab is cache else x @ v.T  # [N, C]
         print(f"{label}: raw cosine", recall_of([vnames[j] for j in top5(sv[i])] for i in judged))
         for beta in (10, 100):
             norm = np.log(np.exp(beta * (bank - bank.max(0))).sum(0)) + beta * bank.max(0)  # [C]
@@ -130,7 +128,9 @@ def main() -> None:
 
 
 def top5(scores: np.ndarray) -> np.ndarray:
-    return np.argsort(-scores)[:5]
+    """The 5 best entries of one row of scores, best first."""
+    top = np.argpartition(-scores, 5)[:5]
+    return top[np.argsort(-scores[top])]
 
 
 def pursuit(q: np.ndarray, v: np.ndarray, k: int = 5) -> list[int]:
@@ -162,9 +162,9 @@ def crop_embeddings(run: Path, uids: list[str], tower: Path) -> np.ndarray:
     import polars as pl
     from PIL import Image
 
-    from curation.concepts.clip import load_clip
+    from curation.concepts.clip import TRAINABLE_MODEL, load_clip
 
-    clip = load_clip("curation-tiny-clip-rn", str(tower), "fp32")
+    clip = load_clip(TRAINABLE_MODEL, str(tower), "fp32")
     images = pl.read_parquet(run / "ingest" / "part-*.parquet", columns=["uid", "image"])
     data = dict(zip(images["uid"].to_list(), images["image"].to_list()))
     flat = []

@@ -70,12 +70,7 @@ def pipeline(web: Path, vocab: Path, fraction: float | None, power: float = 1.0)
         stages["balance"] = {
             "op": "balance",
             "after": ["match_concepts"],
-            "params": {
-                "method": "inverse_frequency",
-                "target_fraction": fraction,
-                "vocab": str(vocab),
-                **({"power": power} if power != 1 else {}),
-            },
+            "params": {"method": "inverse_frequency", "target_fraction": fraction, "vocab": str(vocab), "power": power},
         }
     return {"name": "learning_balance", "stages": stages}
 

@@ -52,12 +52,17 @@ def _compound_parts() -> dict[str, tuple[str, str]]:
     return {f"{c} {s}": (c, s) for c, s in COMPOUNDS}
 
 
+def _attributes(drawn: set[str]) -> tuple[set[str], set[str]]:
+    """The colours and the shapes of the drawn compounds."""
+    parts = _compound_parts()
+    return {parts[d][0] for d in drawn}, {parts[d][1] for d in drawn}
+
+
 def binding_errors(top: list[str], drawn: set[str]) -> Counter:
     """The wrong entries among an image's `top` names, by what they share with the drawn compounds: `swapped` (a
     drawn colour on another drawn object's shape: the attributes seen, bound wrong), `colour_only`, `shape_only`,
     `neither`, or `not_a_compound` (a word or bigram)."""
-    parts = _compound_parts()
-    colours, shapes = {parts[d][0] for d in drawn}, {parts[d][1] for d in drawn}
+    parts, (colours, shapes) = _compound_parts(), _attributes(drawn)
     kinds = Counter()
     for name in top:
         if name in drawn:
@@ -75,9 +80,8 @@ def binding_errors(top: list[str], drawn: set[str]) -> Counter:
 
 def swap_chance(drawn: set[str]) -> float:
     """The share of swapped compounds among the compounds not drawn: what `swapped` would be by chance."""
-    parts = _compound_parts()
-    colours, shapes = {parts[d][0] for d in drawn}, {parts[d][1] for d in drawn}
-    rest = [p for n, p in parts.items() if n not in drawn]
+    colours, shapes = _attributes(drawn)
+    rest = [p for n, p in _compound_parts().items() if n not in drawn]
     return sum(c in colours and s in shapes for c, s in rest) / len(rest)
 
 
